@@ -1,0 +1,168 @@
+"""Sequence replay buffer: one time-ordered column per env, windows of T consecutive rows.
+
+Time alignment (one row per env step, per env column)::
+
+    row t:   obs_t   reward_t (led to obs_t)   is_first_t   is_last_t   is_terminal_t   action_t (taken at obs_t)
+    reset:   obs_0   0                         True         False       False           a_0
+    ...
+    end:     obs_T   r_T                       False        True        terminated      0 (never used)
+    reset:   obs'_0  0                         True         False       False           a'_0
+
+- An episode that ends gets one extra row for its true final observation (SB3 hands it over in
+  ``infos[i]["terminal_observation"]``): ``is_last`` always, ``is_terminal`` only when the env
+  terminated, not when a time limit truncated it. Only ``is_terminal`` lowers the continue target.
+- Columns advance independently (an ending episode writes two rows in its column), each a ring
+  of ``buffer_size // n_envs`` rows, allocated on the first ``add``.
+- Windows never cross a column's write position, may cross episode boundaries (the RSSM resets at
+  ``is_first``), and start with ``is_first`` forced to True (each window starts from the zero state).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.preprocessing import get_action_dim, get_flattened_obs_dim
+from stable_baselines3.common.utils import get_device
+
+from sb3_dreamer.type_aliases import SequenceSamples
+
+
+def action_vector_dim(action_space: spaces.Space) -> int:
+    """Size of the action vector the world model sees: one-hot for Discrete, flat otherwise."""
+    if isinstance(action_space, spaces.Discrete):
+        return int(action_space.n)
+    return get_action_dim(action_space)
+
+
+class SequenceReplayBuffer:
+    """Replay of env steps, sampled as [B, T] windows.
+
+    :param buffer_size: total number of rows over all env columns (each column holds ``buffer_size // n_envs``)
+    :param observation_space: observation space (vector Box)
+    :param action_space: action space (actions are stored as vectors, see :func:`action_vector_dim`)
+    :param device: device the sampled tensors are put on
+    :param n_envs: number of env columns
+    """
+
+    def __init__(
+        self,
+        buffer_size: int,
+        observation_space: spaces.Space,
+        action_space: spaces.Space,
+        device: th.device | str = "auto",
+        n_envs: int = 1,
+    ) -> None:
+        if buffer_size < n_envs:
+            raise ValueError(f"buffer_size={buffer_size} must be at least n_envs={n_envs}")
+        self.buffer_size = buffer_size
+        self.observation_space, self.action_space = observation_space, action_space
+        self.obs_dim = get_flattened_obs_dim(observation_space)
+        self.action_dim = action_vector_dim(action_space)
+        self.device = get_device(device)
+        self.n_envs = n_envs
+        self.capacity = buffer_size // n_envs
+        self.pos = np.zeros(n_envs, dtype=np.int64)  # next row to write, per column
+        self.count = np.zeros(n_envs, dtype=np.int64)  # rows written, capped at capacity
+        self._allocated = False
+
+    def _allocate(self) -> None:
+        shape = (self.capacity, self.n_envs)
+        self.observations = np.zeros((*shape, self.obs_dim), dtype=np.float32)
+        self.actions = np.zeros((*shape, self.action_dim), dtype=np.float32)
+        self.rewards = np.zeros(shape, dtype=np.float32)
+        self.is_first = np.zeros(shape, dtype=bool)
+        self.is_last = np.zeros(shape, dtype=bool)
+        self.is_terminal = np.zeros(shape, dtype=bool)
+        self._allocated = True
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the buffer uses (or will use once allocated), in bytes."""
+        per_row = 4 * (self.obs_dim + self.action_dim + 1) + 3
+        return per_row * self.capacity * self.n_envs
+
+    def size(self) -> int:
+        """Number of rows stored, over all columns."""
+        return int(self.count.sum())
+
+    def add(
+        self,
+        obs: np.ndarray,
+        action: np.ndarray,
+        reward: np.ndarray,
+        is_first: np.ndarray,
+        is_last: np.ndarray,
+        is_terminal: np.ndarray,
+        env_indices: np.ndarray | None = None,
+    ) -> None:
+        """Write one row in each of the given columns (all columns by default).
+
+        :param obs: [n, ...] observations (flattened on write)
+        :param action: [n, A] normalised action vectors
+        :param reward: [n] reward that led to ``obs``
+        :param is_first, is_last, is_terminal: [n] bool flags
+        :param env_indices: [n] column of each row; None means columns 0..n_envs-1
+        """
+        if not self._allocated:
+            self._allocate()
+        cols = np.arange(self.n_envs) if env_indices is None else np.asarray(env_indices)
+        rows = self.pos[cols]
+        self.observations[rows, cols] = np.asarray(obs, dtype=np.float32).reshape(len(cols), -1)
+        self.actions[rows, cols] = action
+        self.rewards[rows, cols] = reward
+        self.is_first[rows, cols] = is_first
+        self.is_last[rows, cols] = is_last
+        self.is_terminal[rows, cols] = is_terminal
+        self.pos[cols] = (rows + 1) % self.capacity
+        self.count[cols] = np.minimum(self.count[cols] + 1, self.capacity)
+
+    def num_windows(self, sequence_length: int) -> np.ndarray:
+        """Valid window starts per column for windows of ``sequence_length`` rows: [n_envs]."""
+        return np.maximum(self.count - sequence_length + 1, 0)
+
+    def can_sample(self, sequence_length: int) -> bool:
+        return bool(self.num_windows(sequence_length).sum() > 0)
+
+    def truncate_last_trajectories(self) -> None:
+        """Mark the newest row of each column ``is_last``: its episode will not be continued (after loading)."""
+        if not self._allocated:
+            return
+        cols = np.flatnonzero(self.count > 0)
+        self.is_last[(self.pos[cols] - 1) % self.capacity, cols] = True
+
+    def sample(self, batch_size: int, sequence_length: int) -> SequenceSamples:
+        """Uniformly sample ``batch_size`` windows of ``sequence_length`` rows among all valid windows."""
+        windows = self.num_windows(sequence_length)
+        total = windows.sum()
+        if total == 0:
+            raise ValueError(
+                f"Cannot sample windows of {sequence_length} steps: the longest column holds {self.count.max()} rows. "
+                "Collect more steps first (learning_starts) or use a shorter sequence_length."
+            )
+        flat = np.random.randint(0, total, size=batch_size)
+        cols = np.searchsorted(np.cumsum(windows), flat, side="right")
+        offset = flat - (np.cumsum(windows) - windows)[cols]
+        oldest = np.where(self.count[cols] < self.capacity, 0, self.pos[cols])
+        rows = (oldest[:, None] + offset[:, None] + np.arange(sequence_length)) % self.capacity  # [B, T]
+        cols = cols[:, None]
+        is_first = self.is_first[rows, cols].copy()
+        is_first[:, 0] = True
+        as_tensor = lambda x: th.as_tensor(x, dtype=th.float32, device=self.device)  # noqa: E731
+        return SequenceSamples(
+            observations=as_tensor(self.observations[rows, cols]),
+            actions=as_tensor(self.actions[rows, cols]),
+            rewards=as_tensor(self.rewards[rows, cols]),
+            is_first=as_tensor(is_first),
+            is_last=as_tensor(self.is_last[rows, cols]),
+            is_terminal=as_tensor(self.is_terminal[rows, cols]),
+        )
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["device"] = str(self.device)  # a torch.device pickles fine, but a str survives torch upgrades
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.device = get_device(state["device"])

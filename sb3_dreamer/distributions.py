@@ -1,0 +1,59 @@
+"""Action distributions of the actor, in the normalised action space the world model sees.
+
+- :class:`OneHotCategorical` for ``Discrete`` actions: actions are one-hot vectors [..., A].
+- :class:`BoundedNormal` for ``Box`` actions: mean ``tanh(x)``, std ``(1 - min_std) * sigmoid(x + 2) + min_std``;
+  actions live in [-1, 1] (samples beyond are clipped by the env wrapper and squashed the same way by
+  the RSSM's ``a / max(1, |a|)``).
+
+Both expose ``sample()``, ``mode()``, ``log_prob(action) -> [...]`` and ``entropy() -> [...]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch as th
+import torch.nn.functional as F
+
+
+class OneHotCategorical:
+    """Categorical over A classes from logits [..., A]; samples are one-hot float vectors."""
+
+    def __init__(self, logits: th.Tensor) -> None:
+        self.log_probs = F.log_softmax(logits, dim=-1)
+
+    def sample(self) -> th.Tensor:
+        uniform = th.rand_like(self.log_probs).clamp_(1e-20, 1.0)
+        index = (self.log_probs - th.log(-th.log(uniform))).argmax(-1)
+        return F.one_hot(index, self.log_probs.shape[-1]).to(self.log_probs.dtype)
+
+    def mode(self) -> th.Tensor:
+        return F.one_hot(self.log_probs.argmax(-1), self.log_probs.shape[-1]).to(self.log_probs.dtype)
+
+    def log_prob(self, action: th.Tensor) -> th.Tensor:
+        return (action * self.log_probs).sum(-1)
+
+    def entropy(self) -> th.Tensor:
+        return -(self.log_probs.exp() * self.log_probs).sum(-1)
+
+
+class BoundedNormal:
+    """Diagonal normal from raw outputs [..., 2A] (mean part, std part), mean in [-1, 1]."""
+
+    def __init__(self, raw: th.Tensor, min_std: float = 0.1, max_std: float = 1.0) -> None:
+        mean, std = raw.chunk(2, -1)
+        self.mean = th.tanh(mean)
+        self.std = (max_std - min_std) * th.sigmoid(std + 2.0) + min_std
+
+    def sample(self) -> th.Tensor:
+        return self.mean + self.std * th.randn_like(self.mean)
+
+    def mode(self) -> th.Tensor:
+        return self.mean
+
+    def log_prob(self, action: th.Tensor) -> th.Tensor:
+        z = (action - self.mean) / self.std
+        return (-0.5 * z**2 - th.log(self.std) - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+    def entropy(self) -> th.Tensor:
+        return (0.5 + 0.5 * math.log(2 * math.pi) + th.log(self.std)).sum(-1)

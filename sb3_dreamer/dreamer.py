@@ -1,0 +1,357 @@
+"""Dreamer: DreamerV3 as a Stable-Baselines3 algorithm.
+
+The algorithm orchestrates: it collects env steps while carrying the policy's latent state, writes
+them to a :class:`~sb3_dreamer.buffers.SequenceReplayBuffer`, and runs ``train_ratio / (batch_size *
+sequence_length)`` gradient updates per env step, each one (1) a world-model step on a replayed
+batch, (2) imagination from every posterior state, (3) an actor-critic step on the imagined
+trajectories and a replay value step on the real ones. The math lives in the modules.
+"""
+
+from __future__ import annotations
+
+import io
+import pathlib
+import sys
+import time
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.base_class import BaseAlgorithm, maybe_make_env
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.preprocessing import is_image_space
+from stable_baselines3.common.save_util import load_from_pkl, save_to_pkl
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
+from stable_baselines3.common.utils import safe_mean
+from stable_baselines3.common.vec_env import VecEnv
+
+from sb3_dreamer.buffers import SequenceReplayBuffer
+from sb3_dreamer.functional import lambda_return
+from sb3_dreamer.networks.actor_critic import actor_loss, critic_loss, update_return_percentiles
+from sb3_dreamer.policies import DreamerPolicy, MlpLatentPolicy
+from sb3_dreamer.type_aliases import LatentState, SequenceSamples
+
+SelfDreamer = TypeVar("SelfDreamer", bound="Dreamer")
+
+
+def check_spaces(observation_space: spaces.Space, action_space: spaces.Space) -> None:
+    """Raise ValueError naming the space when Dreamer cannot handle it."""
+    if not isinstance(action_space, (spaces.Box, spaces.Discrete)):
+        raise ValueError(f"Dreamer supports Box (bounded) and Discrete action spaces, got {action_space}")
+    if isinstance(action_space, spaces.Box) and not np.all(np.isfinite([action_space.low, action_space.high])):
+        raise ValueError(f"Dreamer needs finite bounds on Box action spaces, got {action_space}; wrap the env to bound them")
+    if not isinstance(observation_space, spaces.Box):
+        raise ValueError(f"Dreamer supports Box (vector) observation spaces, got {observation_space}")
+    if is_image_space(observation_space, check_channels=False):
+        raise ValueError(f"Dreamer's MlpLatentPolicy takes vector observations; got an image space {observation_space}")
+
+
+class Dreamer(BaseAlgorithm):
+    """DreamerV3 (Hafner et al., 2023; 2024 code): a world model and an actor-critic trained in its imagination.
+
+    :param policy: policy class or alias ("MlpLatentPolicy", "MlpPolicy")
+    :param env: environment or its registered id
+    :param learning_rate: learning rate of the single optimiser (float or schedule of progress remaining)
+    :param buffer_size: replay capacity in env steps, over all envs (rows, see ``buffers.py``)
+    :param learning_starts: env steps of uniformly random actions before the first update
+    :param batch_size: sequences per batch (B)
+    :param sequence_length: steps per replayed sequence (T)
+    :param train_ratio: replayed steps per env step. Gradient updates per env step are
+        ``train_ratio / (batch_size * sequence_length)``: with the defaults 512 / (16 * 64) = 0.5,
+        one update every two env steps (counted over all envs). DreamerV3's presets: 32 (default),
+        256 (Atari100k), 1024 (proprioceptive control). The realised value is logged as ``train/replay_ratio``.
+    :param imagination_horizon: imagined steps from each posterior state (H)
+    :param gamma: discount, learned into the continue head (DreamerV3: 1 - 1/333)
+    :param return_lambda: lambda of the lambda-returns
+    :param entropy_coef: actor entropy bonus
+    :param critic_ema_rate: rate of the slow critic's EMA towards the critic, per update
+    :param replay_value_scale: weight of the critic loss on real replayed sequences
+    :param policy_kwargs: policy keyword arguments, e.g. ``dict(size="size12m")``
+    :param replay_buffer_kwargs: extra :class:`SequenceReplayBuffer` keyword arguments
+    :param stats_window_size: episodes averaged in the rollout logs
+    :param tensorboard_log: TensorBoard log folder (None: no TensorBoard)
+    :param verbose: 0 silent, 1 info, 2 debug
+    :param seed: random seed
+    :param device: torch device ("auto" picks CUDA when available)
+    :param _init_setup_model: build the networks at construction (``load`` passes False)
+    """
+
+    policy_aliases: ClassVar[dict[str, type[DreamerPolicy]]] = {
+        "MlpLatentPolicy": MlpLatentPolicy,
+        "MlpPolicy": MlpLatentPolicy,
+    }
+    policy: DreamerPolicy
+    replay_buffer: SequenceReplayBuffer
+
+    def __init__(
+        self,
+        policy: str | type[DreamerPolicy],
+        env: GymEnv | str | None,
+        learning_rate: float | Schedule = 1e-4,
+        buffer_size: int = 1_000_000,
+        learning_starts: int = 1000,
+        batch_size: int = 16,
+        sequence_length: int = 64,
+        train_ratio: float = 512.0,
+        imagination_horizon: int = 15,
+        gamma: float = 1.0 - 1.0 / 333.0,
+        return_lambda: float = 0.95,
+        entropy_coef: float = 3e-4,
+        critic_ema_rate: float = 0.02,
+        replay_value_scale: float = 0.3,
+        policy_kwargs: dict[str, Any] | None = None,
+        replay_buffer_kwargs: dict[str, Any] | None = None,
+        stats_window_size: int = 100,
+        tensorboard_log: str | None = None,
+        verbose: int = 0,
+        seed: int | None = None,
+        device: th.device | str = "auto",
+        _init_setup_model: bool = True,
+    ) -> None:
+        if env is not None:
+            env = maybe_make_env(env, verbose)
+            check_spaces(env.observation_space, env.action_space)
+        if batch_size < 1 or sequence_length < 2 or imagination_horizon < 1 or train_ratio < 0:
+            raise ValueError(
+                "Dreamer needs batch_size >= 1, sequence_length >= 2, imagination_horizon >= 1 and train_ratio >= 0, got "
+                f"{batch_size}, {sequence_length}, {imagination_horizon}, {train_ratio}"
+            )
+        super().__init__(
+            policy,
+            env,
+            learning_rate,
+            policy_kwargs=policy_kwargs,
+            stats_window_size=stats_window_size,
+            tensorboard_log=tensorboard_log,
+            verbose=verbose,
+            device=device,
+            support_multi_env=True,
+            seed=seed,
+        )
+        self.buffer_size = buffer_size
+        self.learning_starts = learning_starts
+        self.batch_size = batch_size
+        self.sequence_length = sequence_length
+        self.train_ratio = train_ratio
+        self.imagination_horizon = imagination_horizon
+        self.gamma = gamma
+        self.return_lambda = return_lambda
+        self.entropy_coef = entropy_coef
+        self.critic_ema_rate = critic_ema_rate
+        self.replay_value_scale = replay_value_scale
+        self.replay_buffer_kwargs = replay_buffer_kwargs or {}
+        self._update_credit = 0.0  # gradient updates owed to the env steps collected so far
+        self._last_latent: LatentState | None = None
+        self._last_rewards: np.ndarray | None = None
+        if _init_setup_model:
+            self._setup_model()
+
+    # ------------------------------------------------------------------------------------ setup
+    @property
+    def updates_per_step(self) -> float:
+        """Gradient updates per env step: ``train_ratio / (batch_size * sequence_length)``."""
+        return self.train_ratio / (self.batch_size * self.sequence_length)
+
+    def _setup_model(self) -> None:
+        self._setup_lr_schedule()
+        self.set_random_seed(self.seed)
+        self.policy = self.policy_class(  # type: ignore[assignment]
+            self.observation_space, self.action_space, self.lr_schedule, **self.policy_kwargs
+        ).to(self.device)
+        self.replay_buffer = SequenceReplayBuffer(
+            self.buffer_size, self.observation_space, self.action_space, device=self.device, n_envs=self.n_envs,
+            **self.replay_buffer_kwargs,
+        )  # fmt: skip
+        self._last_latent = None
+
+    def _excluded_save_params(self) -> list[str]:
+        return [*super()._excluded_save_params(), "_last_latent"]
+
+    def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
+        return ["policy", "policy.optimizer"], []
+
+    def save_replay_buffer(self, path: str | pathlib.Path | io.BufferedIOBase) -> None:
+        """Pickle the replay buffer (as SB3's off-policy algorithms do)."""
+        save_to_pkl(path, self.replay_buffer, self.verbose)
+
+    def load_replay_buffer(self, path: str | pathlib.Path | io.BufferedIOBase, truncate_last_traj: bool = True) -> None:
+        """Load a pickled replay buffer.
+
+        :param truncate_last_traj: mark each column's newest row as the end of its episode, since the
+            next row collected will start a fresh one
+        """
+        buffer = load_from_pkl(path, self.verbose)
+        if not isinstance(buffer, SequenceReplayBuffer):
+            raise TypeError(f"{path} holds a {type(buffer).__name__}, not a SequenceReplayBuffer")
+        if buffer.n_envs != self.n_envs:
+            raise ValueError(f"The replay buffer has {buffer.n_envs} env columns but the model has n_envs={self.n_envs}")
+        buffer.device = self.device
+        if truncate_last_traj:
+            buffer.truncate_last_trajectories()
+        self.replay_buffer = buffer
+
+    # ------------------------------------------------------------------------------------ learn
+    def learn(
+        self: SelfDreamer,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        log_interval: int | None = 4,
+        tb_log_name: str = "Dreamer",
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
+    ) -> SelfDreamer:
+        """Train for ``total_timesteps`` env steps; logs every ``log_interval`` episodes (None: never)."""
+        total_timesteps, callback = self._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
+        callback.on_training_start(locals(), globals())
+        assert self.env is not None, "You must set the environment before calling learn()"
+        while self.num_timesteps < total_timesteps:
+            if not self.collect_rollouts(self.env, callback, log_interval):
+                break
+            if self.num_timesteps >= self.learning_starts:
+                self._update_credit += self.env.num_envs * self.updates_per_step
+                gradient_steps = int(self._update_credit)
+                if gradient_steps > 0 and self.replay_buffer.can_sample(self.sequence_length):
+                    self._update_credit -= gradient_steps
+                    self.train(gradient_steps)
+        callback.on_training_end()
+        return self
+
+    def collect_rollouts(self, env: VecEnv, callback: BaseCallback, log_interval: int | None = None) -> bool:
+        """One step of every env, acting with the carried latent; stores the rows. Returns False to stop."""
+        assert self._last_obs is not None and self._last_episode_starts is not None
+        n = env.num_envs
+        if self._last_latent is None or self._last_latent.deter.shape[0] != n:
+            self._last_latent = self.policy.initial_state(n)
+        if self._last_rewards is None or self._last_rewards.shape != (n,):
+            self._last_rewards = np.zeros(n, dtype=np.float32)
+        self.policy.set_training_mode(False)
+        callback.on_rollout_start()
+        obs, starts = self._last_obs, self._last_episode_starts
+        with th.no_grad():
+            obs_tensor, _ = self.policy.obs_to_tensor(obs)
+            starts_tensor = th.as_tensor(starts, dtype=th.float32, device=self.device)
+            latent = self.policy.act(obs_tensor, self._last_latent, starts_tensor)  # type: ignore[arg-type]
+            if self.num_timesteps < self.learning_starts:
+                latent = latent._replace(action=self.policy.random_action(n))
+        action = latent.action.cpu().numpy()
+        new_obs, rewards, dones, infos = env.step(self.policy.to_env_action(action))
+        self.num_timesteps += n
+        callback.update_locals(locals())
+        if not callback.on_step():
+            return False
+        self._update_info_buffer(infos, dones)
+        self._store_transition(obs, action, starts, rewards, dones, infos)
+        self._last_obs, self._last_episode_starts, self._last_latent = new_obs, dones, latent  # type: ignore[assignment]
+        self._update_current_progress_remaining(self.num_timesteps, self._total_timesteps)
+        for done in dones:
+            if done:
+                self._episode_num += 1
+                if log_interval is not None and self._episode_num % log_interval == 0:
+                    self.dump_logs()
+        callback.on_rollout_end()
+        return True
+
+    def _store_transition(
+        self, obs: np.ndarray, action: np.ndarray, starts: np.ndarray, rewards: np.ndarray, dones: np.ndarray, infos: list[dict]
+    ) -> None:
+        """Write the row of each env's current step, plus a final-observation row where an episode ended."""
+        assert self._last_rewards is not None
+        starts = np.asarray(starts, dtype=bool)
+        false = np.zeros_like(starts)
+        # Reward that led to obs: 0 right after a reset (also after a forced reset by _setup_learn).
+        self.replay_buffer.add(obs, action, np.where(starts, 0.0, self._last_rewards), starts, false, false)
+        ended = np.flatnonzero(dones)
+        if len(ended):
+            final_obs = np.stack([infos[i]["terminal_observation"] for i in ended])
+            truncated = np.array([infos[i].get("TimeLimit.truncated", False) for i in ended], dtype=bool)
+            self.replay_buffer.add(
+                final_obs, np.zeros_like(action[ended]), rewards[ended], np.zeros(len(ended), bool),
+                np.ones(len(ended), bool), ~truncated, env_indices=ended,
+            )  # fmt: skip
+        self._last_rewards = np.where(dones, 0.0, rewards).astype(np.float32)
+
+    # ------------------------------------------------------------------------------------ train
+    def train(self, gradient_steps: int) -> None:
+        """Run ``gradient_steps`` updates, each on a fresh replayed batch."""
+        self.policy.set_training_mode(True)
+        self._update_learning_rate(self.policy.optimizer)
+        metrics: dict[str, th.Tensor] = {}
+        for _ in range(gradient_steps):
+            metrics = self.train_step(self.replay_buffer.sample(self.batch_size, self.sequence_length))
+        self._n_updates += gradient_steps
+        values = dict(zip(metrics, th.stack(list(metrics.values())).tolist()))  # one host sync
+        for key, value in values.items():
+            self.logger.record(f"train/{key}", value)
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+        steps_since_start = max(self.num_timesteps - self.learning_starts, 1)
+        self.logger.record("train/replay_ratio", self._n_updates * self.batch_size * self.sequence_length / steps_since_start)
+
+    def train_step(self, data: SequenceSamples) -> dict[str, th.Tensor]:
+        """One gradient update: world model, imagination, actor-critic, replay value. Returns detached metrics."""
+        policy, wm, critic = self.policy, self.policy.world_model, self.policy.critic
+        batch, steps = data.rewards.shape
+        # 1. World model on the replayed batch.
+        wm_out = wm.loss(data.observations, data.prev_actions, data.rewards, data.is_first, data.is_terminal, self.gamma)
+        # 2. Imagination from every posterior state (B*T starts).
+        traj = policy.imagine(wm_out.deter.flatten(0, 1), wm_out.stoch.flatten(0, 1), self.imagination_horizon)
+        with th.no_grad():
+            reward, cont = wm.reward(traj.feat), wm.cont(traj.feat)
+            slow_value = critic.value(policy.critic_slow(traj.feat))
+            weight = th.cumprod(cont, 1)[:, :-1]  # probability of still being in the episode
+        value_logits = critic(traj.feat)
+        value = critic.value(value_logits)
+        returns = lambda_return(reward, cont, value.detach(), self.return_lambda)  # [N, H]
+        # 3. Actor-critic on the imagined trajectories.
+        scale = update_return_percentiles(returns, policy.return_low, policy.return_high)
+        advantage = (returns - value[:, :-1]) / scale
+        policy_loss = actor_loss(traj.log_prob[:, :-1], traj.entropy[:, :-1], advantage, weight, self.entropy_coef).mean()
+        value_loss = (weight * critic_loss(critic, value_logits[:, :-1], returns, slow_value[:, :-1])).mean()
+        # 4. Replay value loss: the critic on real sequences, bootstrapped by the imagined returns.
+        real_feat = th.cat([wm_out.deter, wm_out.stoch], -1)
+        real_logits = critic(real_feat)
+        with th.no_grad():
+            real_slow = critic.value(policy.critic_slow(real_feat))
+        real_returns = lambda_return(
+            data.rewards, (1.0 - data.is_terminal) * self.gamma, returns[:, 0].detach().view(batch, steps),
+            self.return_lambda, last=data.is_last,
+        )  # fmt: skip
+        keep = 1.0 - data.is_last[:, :-1]
+        replay_loss = (keep * critic_loss(critic, real_logits[:, :-1], real_returns, real_slow[:, :-1])).mean()
+
+        model_loss = wm_out.loss.mean()
+        loss = model_loss + policy_loss + value_loss + self.replay_value_scale * replay_loss
+        policy.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        policy.optimizer.step()
+        with th.no_grad():
+            slow, fast = list(policy.critic_slow.parameters()), list(critic.parameters())
+            th._foreach_lerp_(slow, fast, self.critic_ema_rate)
+        return {
+            "loss": loss.detach(),
+            "model_loss": model_loss.detach(),
+            **wm_out.metrics,
+            "actor_loss": policy_loss.detach(),
+            "critic_loss": value_loss.detach(),
+            "replay_value_loss": replay_loss.detach(),
+            "actor_entropy": traj.entropy.detach().mean(),
+            "return_scale": scale.detach(),
+            "imagined_return": returns.detach().mean(),
+            "imagined_reward": reward.mean(),
+            "imagined_cont": cont.mean(),
+        }
+
+    def dump_logs(self) -> None:
+        """Write rollout and time statistics, as SB3's off-policy algorithms do."""
+        time_elapsed = max((time.time_ns() - self.start_time) / 1e9, sys.float_info.epsilon)
+        fps = int((self.num_timesteps - self._num_timesteps_at_start) / time_elapsed)
+        self.logger.record("time/episodes", self._episode_num, exclude="tensorboard")
+        if self.ep_info_buffer and len(self.ep_info_buffer[0]) > 0:
+            self.logger.record("rollout/ep_rew_mean", safe_mean([info["r"] for info in self.ep_info_buffer]))
+            self.logger.record("rollout/ep_len_mean", safe_mean([info["l"] for info in self.ep_info_buffer]))
+        if self.ep_success_buffer:
+            self.logger.record("rollout/success_rate", safe_mean(self.ep_success_buffer))
+        self.logger.record("time/fps", fps)
+        self.logger.record("time/time_elapsed", int(time_elapsed), exclude="tensorboard")
+        self.logger.record("time/total_timesteps", self.num_timesteps, exclude="tensorboard")
+        self.logger.dump(step=self.num_timesteps)

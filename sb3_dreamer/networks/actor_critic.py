@@ -1,0 +1,77 @@
+"""Actor and critic trained in imagination, and their losses (DreamerV3).
+
+Actor: REINFORCE on ``adv = (R - v) / max(1, P95 - P5)`` with an entropy bonus, every term weighted
+by the cumulative product of predicted continues. Critic: two-hot cross-entropy towards the
+lambda-returns plus a regulariser towards a slow (EMA) copy of itself.
+"""
+
+from __future__ import annotations
+
+import torch as th
+from torch import nn
+
+from sb3_dreamer.distributions import BoundedNormal, OneHotCategorical
+from sb3_dreamer.functional import twohot_bins, twohot_loss, twohot_mean
+from sb3_dreamer.networks.layers import MLP
+
+
+class Actor(nn.Module):
+    """Policy head: feat [..., F] -> action distribution over [..., A].
+
+    :param discrete: categorical (one-hot actions) if True, bounded normal otherwise
+    """
+
+    def __init__(self, feat_dim: int, action_dim: int, discrete: bool, units: int = 64, layers: int = 3) -> None:
+        super().__init__()
+        self.discrete = discrete
+        self.net = MLP(feat_dim, units, layers, action_dim if discrete else 2 * action_dim, outscale=0.01)
+
+    def forward(self, feat: th.Tensor) -> OneHotCategorical | BoundedNormal:
+        raw = self.net(feat)
+        return OneHotCategorical(raw) if self.discrete else BoundedNormal(raw)
+
+
+class Critic(nn.Module):
+    """Value head with a two-hot output over symexp-spaced bins, zero-initialised (predicts 0 at start)."""
+
+    def __init__(self, feat_dim: int, units: int = 64, layers: int = 3, num_bins: int = 255) -> None:
+        super().__init__()
+        self.net = MLP(feat_dim, units, layers, num_bins, outscale=0.0)
+        self.register_buffer("bins", twohot_bins(num_bins), persistent=False)
+
+    def forward(self, feat: th.Tensor) -> th.Tensor:
+        """Logits [..., N]."""
+        return self.net(feat)
+
+    def value(self, logits: th.Tensor) -> th.Tensor:
+        return twohot_mean(logits, self.bins)
+
+    def loss(self, logits: th.Tensor, target: th.Tensor) -> th.Tensor:
+        return twohot_loss(logits, target, self.bins)
+
+
+def update_return_percentiles(
+    returns: th.Tensor, low: th.Tensor, high: th.Tensor, decay: float = 0.99, quantiles: tuple[float, float] = (0.05, 0.95)
+) -> th.Tensor:
+    """Track the 5th/95th return percentiles by EMA (in place on ``low``/``high``, 0-d tensors).
+
+    :return: the return scale ``max(1, high - low)`` (0-d)
+    """
+    q = th.quantile(returns.detach().flatten().float(), th.tensor(quantiles, device=returns.device))
+    low.mul_(decay).add_((1.0 - decay) * q[0])
+    high.mul_(decay).add_((1.0 - decay) * q[1])
+    return th.clamp(high - low, min=1.0)
+
+
+def actor_loss(
+    log_prob: th.Tensor, entropy: th.Tensor, advantage: th.Tensor, weight: th.Tensor, entropy_coef: float = 3e-4
+) -> th.Tensor:
+    """REINFORCE loss per imagined step: ``-weight * (logpi(a) * sg(adv) + entropy_coef * H)``, all [N, H] -> [N, H]."""
+    return -weight.detach() * (log_prob * advantage.detach() + entropy_coef * entropy)
+
+
+def critic_loss(
+    critic: Critic, logits: th.Tensor, target: th.Tensor, slow_value: th.Tensor, slow_reg: float = 1.0
+) -> th.Tensor:
+    """Two-hot CE towards the return ``target`` plus ``slow_reg`` x CE towards the slow critic: [...]."""
+    return critic.loss(logits, target.detach()) + slow_reg * critic.loss(logits, slow_value.detach())

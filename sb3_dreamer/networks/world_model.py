@@ -1,0 +1,119 @@
+"""World model: symlog MLP encoder, RSSM, symlog-MSE decoder, two-hot reward head, continue head.
+
+Losses per replayed step (DreamerV3): ``rec + rew + con + dyn_scale * dyn + rep_scale * rep`` where
+``dyn = max(free_bits, KL(sg(post) || prior))`` and ``rep = max(free_bits, KL(post || sg(prior)))``.
+The continue target is ``(1 - is_terminal) * gamma``, so the discount is learned into it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch as th
+import torch.nn.functional as F
+from torch import nn
+
+from sb3_dreamer.functional import categorical_kl, kl_free_bits, symlog, twohot_bins, twohot_loss, twohot_mean
+from sb3_dreamer.networks.layers import MLP
+from sb3_dreamer.networks.rssm import RSSM
+
+
+class WorldModelOutput(NamedTuple):
+    """Result of :meth:`WorldModel.loss`: per-step loss [B, T], posterior states and metrics."""
+
+    loss: th.Tensor
+    deter: th.Tensor
+    stoch: th.Tensor
+    metrics: dict[str, th.Tensor]
+
+
+class WorldModel(nn.Module):
+    """Encoder, RSSM, decoder and reward/continue heads for vector observations.
+
+    :param obs_dim: O, flattened observation size
+    :param action_dim: A
+    :param units: width of encoder, decoder and head layers
+    :param encoder_layers: hidden layers of the encoder (its output is the embedding)
+    :param decoder_layers: hidden layers of the decoder
+    :param head_layers: hidden layers of the reward and continue heads
+    :param num_bins: bins of the two-hot reward head
+    :param free_bits: KL free nats per step (summed over the stochastic variables)
+    :param dyn_scale: weight of the dynamics KL
+    :param rep_scale: weight of the representation KL
+    :param rssm_kwargs: passed to :class:`RSSM` (deter, hidden, stoch, classes, blocks, unimix)
+    """
+
+    def __init__(
+        self,
+        obs_dim: int,
+        action_dim: int,
+        units: int = 64,
+        encoder_layers: int = 3,
+        decoder_layers: int = 3,
+        head_layers: int = 1,
+        num_bins: int = 255,
+        free_bits: float = 1.0,
+        dyn_scale: float = 1.0,
+        rep_scale: float = 0.1,
+        **rssm_kwargs,
+    ) -> None:
+        super().__init__()
+        self.free_bits, self.dyn_scale, self.rep_scale = free_bits, dyn_scale, rep_scale
+        self.encoder = MLP(obs_dim, units, encoder_layers)
+        self.rssm = RSSM(units, action_dim, **rssm_kwargs)
+        feat = self.rssm.feat_dim
+        self.decoder = MLP(feat, units, decoder_layers, obs_dim)
+        self.reward_head = MLP(feat, units, head_layers, num_bins, outscale=0.0)
+        self.cont_head = MLP(feat, units, head_layers, 1)
+        self.register_buffer("bins", twohot_bins(num_bins), persistent=False)
+
+    def embed(self, obs: th.Tensor) -> th.Tensor:
+        """Observation [..., O] -> embedding [..., units] (symlog first)."""
+        return self.encoder(symlog(obs))
+
+    def reward(self, feat: th.Tensor) -> th.Tensor:
+        """Predicted reward [...] from feat [..., F]."""
+        return twohot_mean(self.reward_head(feat), self.bins)
+
+    def cont(self, feat: th.Tensor) -> th.Tensor:
+        """Predicted probability of continuing, discount included, [...] from feat [..., F]."""
+        return th.sigmoid(self.cont_head(feat).squeeze(-1))
+
+    def loss(
+        self,
+        obs: th.Tensor,
+        prev_action: th.Tensor,
+        reward: th.Tensor,
+        is_first: th.Tensor,
+        is_terminal: th.Tensor,
+        gamma: float,
+    ) -> WorldModelOutput:
+        """World-model loss of a replayed batch.
+
+        :param obs: [B, T, O]
+        :param prev_action: [B, T, A] action before each step (zero where is_first)
+        :param reward: [B, T] reward that led to each observation
+        :param is_first: [B, T] float, 1 on the first step of an episode
+        :param is_terminal: [B, T] float, 1 on a terminal observation
+        :param gamma: discount learned into the continue head
+        """
+        deter, stoch, post = self.rssm.observe(self.embed(obs), prev_action, is_first)
+        prior = self.rssm.prior_logits(deter)
+        feat = th.cat([deter, stoch], -1)
+        rec = ((self.decoder(feat) - symlog(obs)) ** 2).sum(-1)
+        rew = twohot_loss(self.reward_head(feat), reward, self.bins)
+        cont_target = (1.0 - is_terminal) * gamma
+        con = F.binary_cross_entropy_with_logits(self.cont_head(feat).squeeze(-1), cont_target, reduction="none")
+        dyn = categorical_kl(post.detach(), prior)
+        rep = categorical_kl(post, prior.detach())
+        loss = rec + rew + con + self.dyn_scale * kl_free_bits(dyn, self.free_bits) + self.rep_scale * kl_free_bits(rep, self.free_bits)
+        metrics = {
+            "rec_loss": rec.mean(),
+            "reward_loss": rew.mean(),
+            "cont_loss": con.mean(),
+            "dyn_kl": dyn.mean(),
+            "rep_kl": rep.mean(),
+            "prior_entropy": -(prior.exp() * prior).sum((-2, -1)).mean(),
+            "post_entropy": -(post.exp() * post).sum((-2, -1)).mean(),
+        }
+        return WorldModelOutput(loss, deter, stoch, metrics)

@@ -1,0 +1,235 @@
+"""DreamerPolicy: world model + actor + critic (+ slow critic), their optimiser, and stateful acting.
+
+``predict(obs, state, episode_start, deterministic)`` carries the latent like sb3-contrib's
+RecurrentPPO, batch-first: ``state = (deter [n, D], stoch [n, S*K], last_action [n, A])`` as float32
+numpy arrays; ``None`` means a fresh state sized from the batch; ``episode_start`` [n] resets it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.preprocessing import get_flattened_obs_dim
+from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
+
+from sb3_dreamer.buffers import action_vector_dim
+from sb3_dreamer.networks.actor_critic import Actor, Critic
+from sb3_dreamer.networks.world_model import WorldModel
+from sb3_dreamer.optimizers import LaProp
+from sb3_dreamer.presets import DEFAULT_SIZE, resolve_size
+from sb3_dreamer.type_aliases import LatentState, Trajectory
+
+
+class DreamerPolicy(BasePolicy):
+    """Policy holding the whole Dreamer agent.
+
+    :param observation_space: vector Box observation space
+    :param action_space: Discrete or bounded Box action space
+    :param lr_schedule: learning rate schedule (of the single optimiser)
+    :param size: size preset name (see :mod:`sb3_dreamer.presets`)
+    :param deter: deterministic state size D (None: from the preset)
+    :param hidden: RSSM hidden width (None: from the preset)
+    :param classes: classes K per stochastic variable (None: from the preset)
+    :param units: width of encoder, decoder, heads, actor and critic layers (None: from the preset)
+    :param stoch: number S of categorical stochastic variables
+    :param blocks: number of blocks of the block GRU
+    :param unimix: uniform mixture in the latent categoricals
+    :param actor_layers: hidden layers of the actor
+    :param critic_layers: hidden layers of the critic
+    :param free_bits: KL free nats
+    :param dyn_scale: dynamics KL weight
+    :param rep_scale: representation KL weight
+    :param optimizer_class: optimiser over all trained parameters (default LaProp + AGC + warm-up)
+    :param optimizer_kwargs: its keyword arguments (besides lr)
+    :param normalize_images: kept for SB3 compatibility (vector observations are symlog-scaled instead)
+    """
+
+    def __init__(
+        self,
+        observation_space: spaces.Space,
+        action_space: spaces.Space,
+        lr_schedule: Schedule,
+        size: str = DEFAULT_SIZE,
+        deter: int | None = None,
+        hidden: int | None = None,
+        classes: int | None = None,
+        units: int | None = None,
+        stoch: int = 32,
+        blocks: int = 8,
+        unimix: float = 0.01,
+        actor_layers: int = 3,
+        critic_layers: int = 3,
+        free_bits: float = 1.0,
+        dyn_scale: float = 1.0,
+        rep_scale: float = 0.1,
+        optimizer_class: type[th.optim.Optimizer] = LaProp,
+        optimizer_kwargs: dict[str, Any] | None = None,
+        normalize_images: bool = True,
+    ) -> None:
+        super().__init__(
+            observation_space,
+            action_space,
+            optimizer_class=optimizer_class,
+            optimizer_kwargs=optimizer_kwargs,
+            normalize_images=normalize_images,
+        )
+        sizes = resolve_size(size, deter=deter, hidden=hidden, classes=classes, units=units)
+        self.size, self.sizes = size, sizes
+        self.arch = dict(
+            stoch=stoch, blocks=blocks, unimix=unimix, actor_layers=actor_layers, critic_layers=critic_layers,
+            free_bits=free_bits, dyn_scale=dyn_scale, rep_scale=rep_scale,
+        )  # fmt: skip
+        self.discrete = isinstance(action_space, spaces.Discrete)
+        self.action_dim = action_vector_dim(action_space)
+        self.world_model = WorldModel(
+            get_flattened_obs_dim(observation_space),
+            self.action_dim,
+            units=sizes["units"],
+            free_bits=free_bits,
+            dyn_scale=dyn_scale,
+            rep_scale=rep_scale,
+            deter=sizes["deter"],
+            hidden=sizes["hidden"],
+            stoch=stoch,
+            classes=sizes["classes"],
+            blocks=blocks,
+            unimix=unimix,
+        )
+        feat_dim = self.world_model.rssm.feat_dim
+        self.actor = Actor(feat_dim, self.action_dim, self.discrete, units=sizes["units"], layers=actor_layers)
+        self.critic = Critic(feat_dim, units=sizes["units"], layers=critic_layers)
+        self.critic_slow = Critic(feat_dim, units=sizes["units"], layers=critic_layers)
+        self.critic_slow.load_state_dict(self.critic.state_dict())
+        self.critic_slow.requires_grad_(False)
+        # EMA of the 5th and 95th percentiles of imagined returns (the advantage scale).
+        self.register_buffer("return_low", th.zeros(()))
+        self.register_buffer("return_high", th.zeros(()))
+        trained = [*self.world_model.parameters(), *self.actor.parameters(), *self.critic.parameters()]
+        self.optimizer = self.optimizer_class(trained, lr=lr_schedule(1), **self.optimizer_kwargs)
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        data.update(
+            lr_schedule=self._dummy_schedule,
+            size=self.size,
+            **self.sizes,
+            **self.arch,
+            optimizer_class=self.optimizer_class,
+            optimizer_kwargs=self.optimizer_kwargs,
+        )
+        return data
+
+    # ----------------------------------------------------------------------------------- acting
+    def initial_state(self, n: int) -> LatentState:
+        """Zero latent for ``n`` envs."""
+        deter, stoch = self.world_model.rssm.initial(n, self.device)
+        return LatentState(deter, stoch, th.zeros(n, self.action_dim, device=self.device))
+
+    def act(
+        self, obs: th.Tensor, state: LatentState, episode_start: th.Tensor, deterministic: bool = False
+    ) -> LatentState:
+        """One acting step: update the latent with ``obs`` [N, ...] and pick an action.
+
+        :param episode_start: [N] float, 1 where ``obs`` starts an episode (resets the latent)
+        :return: the new latent; its ``action`` [N, A] is the chosen (normalised) action
+        """
+        wm = self.world_model
+        embed = wm.embed(obs.float().flatten(1))
+        deter, stoch, _ = wm.rssm.obs_step(
+            state.deter, state.stoch, state.action, wm.rssm.embed_projection(embed), episode_start, deterministic
+        )
+        dist = self.actor(th.cat([deter, stoch], -1))
+        action = dist.mode() if deterministic else dist.sample()
+        return LatentState(deter, stoch, action)
+
+    def random_action(self, n: int) -> th.Tensor:
+        """Uniformly random normalised actions [n, A] (exploration before ``learning_starts``)."""
+        if self.discrete:
+            index = th.randint(self.action_dim, (n,), device=self.device)
+            return th.nn.functional.one_hot(index, self.action_dim).float()
+        return th.rand(n, self.action_dim, device=self.device) * 2.0 - 1.0
+
+    def to_env_action(self, action: np.ndarray) -> np.ndarray:
+        """Normalised actions [n, A] -> actions of the env's action space [n, ...]."""
+        if self.discrete:
+            return action.argmax(-1)
+        assert isinstance(self.action_space, spaces.Box)
+        low, high = self.action_space.low, self.action_space.high
+        action = np.clip(action, -1.0, 1.0).reshape((-1, *self.action_space.shape))
+        return (low + 0.5 * (action + 1.0) * (high - low)).astype(self.action_space.dtype)
+
+    def _check_state(self, state: tuple[np.ndarray, ...], n: int) -> LatentState:
+        expected = ((n, self.world_model.rssm.deter_dim), (n, self.world_model.rssm.stoch_dim), (n, self.action_dim))
+        shapes = tuple(np.shape(x) for x in state) if isinstance(state, (tuple, list)) else None
+        if shapes != expected:
+            raise ValueError(
+                f"Dreamer's state is a tuple (deter, stoch, last_action) of shapes {expected} for {n} observation(s), "
+                f"got {shapes if shapes is not None else type(state).__name__}. Pass the state returned by the "
+                "previous predict() call for the same envs, or None to start fresh."
+            )
+        return LatentState(*(th.as_tensor(np.asarray(x), dtype=th.float32, device=self.device) for x in state))
+
+    def predict(
+        self,
+        observation: np.ndarray | dict[str, np.ndarray],
+        state: tuple[np.ndarray, ...] | None = None,
+        episode_start: np.ndarray | None = None,
+        deterministic: bool = False,
+    ) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
+        """Actions for a batch of observations, carrying the latent state (see module docstring)."""
+        self.set_training_mode(False)
+        obs_tensor, vectorized = self.obs_to_tensor(observation)  # validates the shape
+        n = obs_tensor.shape[0]
+        latent = self.initial_state(n) if state is None else self._check_state(state, n)
+        starts = np.zeros(n, dtype=np.float32) if episode_start is None else np.asarray(episode_start, dtype=np.float32)
+        if starts.shape != (n,):
+            raise ValueError(f"episode_start must have shape ({n},) for {n} observation(s), got {starts.shape}")
+        with th.no_grad():
+            latent = self.act(obs_tensor, latent, th.as_tensor(starts, device=self.device), deterministic)
+        new_state = tuple(x.cpu().numpy() for x in latent)
+        actions = self.to_env_action(new_state[2])
+        if not vectorized:
+            actions = actions.squeeze(axis=0)
+        return actions, new_state
+
+    def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> th.Tensor:
+        """Stateless action from a fresh latent (SB3's abstract hook; ``predict`` carries the state)."""
+        assert isinstance(observation, th.Tensor)
+        n = observation.shape[0]
+        latent = self.act(observation, self.initial_state(n), th.ones(n, device=self.device), deterministic)
+        return latent.action
+
+    def forward(self, obs: th.Tensor, deterministic: bool = False) -> th.Tensor:
+        return self._predict(obs, deterministic)
+
+    # ------------------------------------------------------------------------------ imagination
+    def imagine(self, deter: th.Tensor, stoch: th.Tensor, horizon: int) -> Trajectory:
+        """Roll the prior forward ``horizon`` steps from N start states, acting with the actor.
+
+        The dynamics run without gradient (REINFORCE needs none); the actor's log-probs and entropies
+        keep theirs. :param deter: [N, D] :param stoch: [N, S*K] :return: a :class:`Trajectory`
+        """
+        rssm = self.world_model.rssm
+        feats, actions, log_probs, entropies = [], [], [], []
+        deter, stoch = deter.detach(), stoch.detach()
+        for t in range(horizon + 1):
+            feat = th.cat([deter, stoch], -1)
+            dist = self.actor(feat)
+            action = dist.sample().detach()
+            feats.append(feat)
+            actions.append(action)
+            log_probs.append(dist.log_prob(action))
+            entropies.append(dist.entropy())
+            if t < horizon:
+                with th.no_grad():
+                    deter, stoch = rssm.img_step(deter, stoch, action)
+        stack = lambda xs: th.stack(xs, 1)  # noqa: E731
+        return Trajectory(stack(feats), stack(actions), stack(log_probs), stack(entropies))
+
+
+class MlpLatentPolicy(DreamerPolicy):
+    """Dreamer policy for vector (Box) observations: symlog MLP encoder and decoder."""
