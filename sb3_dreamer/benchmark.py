@@ -1,0 +1,145 @@
+"""Learning benchmark: Dreamer on classic-control tasks over several seeds, one fixed evaluation protocol.
+
+Protocol: 10 deterministic evaluation episodes every 1,000 env steps on a separate env; "steps to
+solve" is the first evaluation whose mean return reaches the env's threshold.
+
+    python -m sb3_dreamer.benchmark --envs CartPole-v1 Pendulum-v1 --seeds 0 1 2 --jobs 2
+
+Each (env, seed) runs in its own process (pinned to one core with one torch thread when
+``--jobs`` > 1) and writes ``<out>/<env>_seed<seed>.json``; finished runs are skipped, so an
+interrupted benchmark resumes. The table is printed (Markdown) and written to ``<out>/results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+THRESHOLDS = {"CartPole-v1": 475.0, "Pendulum-v1": -200.0}
+BUDGETS = {"CartPole-v1": 15_000, "Pendulum-v1": 10_000}
+
+
+def run_one(env_id: str, seed: int, steps: int, out: Path, kwargs: dict, eval_freq: int, eval_episodes: int) -> dict:
+    """Train one seed with evaluations; returns and writes the result record."""
+    start = time.perf_counter()
+    import torch as th
+    from stable_baselines3.common.callbacks import EvalCallback
+    from stable_baselines3.common.env_util import make_vec_env
+
+    from sb3_dreamer import Dreamer
+
+    model = Dreamer("MlpLatentPolicy", env_id, seed=seed, **kwargs)
+    eval_env = make_vec_env(env_id, n_envs=1, seed=seed + 10_000)
+    callback = EvalCallback(eval_env, eval_freq=eval_freq, n_eval_episodes=eval_episodes, deterministic=True, verbose=0)
+    train_start = time.perf_counter()
+    model.learn(steps, callback=callback)
+    train_time = time.perf_counter() - train_start
+    record = {
+        "env": env_id,
+        "seed": seed,
+        "steps": steps,
+        "kwargs": kwargs,
+        "eval_timesteps": [int(t) for t in callback.evaluations_timesteps],
+        "eval_returns": [float(np.mean(r)) for r in callback.evaluations_results],
+        "wall_clock_s": time.perf_counter() - start,
+        "n_updates": model._n_updates,
+        "updates_per_s": model._n_updates / train_time,
+        "torch": th.__version__,
+        "threads": th.get_num_threads(),
+    }
+    (out / f"{env_id}_seed{seed}.json").write_text(json.dumps(record, indent=1))
+    return record
+
+
+def steps_to_solve(record: dict, threshold: float) -> int | None:
+    for t, r in zip(record["eval_timesteps"], record["eval_returns"]):
+        if r >= threshold:
+            return t
+    return None
+
+
+def table(records: list[dict]) -> str:
+    """Markdown table, one row per env."""
+    lines = [
+        "| env (threshold) | steps to solve per seed | median | final eval return per seed | stays solved | wall-clock per run | updates/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for env_id in sorted({r["env"] for r in records}):
+        runs = sorted((r for r in records if r["env"] == env_id), key=lambda r: r["seed"])
+        thr = THRESHOLDS.get(env_id, float("inf"))
+        solved = [steps_to_solve(r, thr) for r in runs]
+        fmt = lambda s: "-" if s is None else f"{s / 1000:g}k"  # noqa: E731
+        # Unsolved seeds count as infinitely slow for the median.
+        median = np.median([np.inf if s is None else s for s in solved])
+        stays = [s is not None and min(x for t, x in zip(r["eval_timesteps"], r["eval_returns"]) if t >= s) >= thr
+                 for r, s in zip(runs, solved)]  # fmt: skip
+        finals = ", ".join(f"{r['eval_returns'][-1]:.0f}" if r["eval_returns"] else "-" for r in runs)
+        lines.append(
+            f"| {env_id} ({thr:g}) | {', '.join(fmt(s) for s in solved)} | {'unsolved' if np.isinf(median) else fmt(int(median))} "
+            f"| {finals} | {sum(stays)}/{len(runs)} "
+            f"| {np.median([r['wall_clock_s'] for r in runs]):.0f} s for {runs[0]['steps'] // 1000}k steps "
+            f"| {np.median([r['updates_per_s'] for r in runs]):.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--envs", nargs="+", default=list(THRESHOLDS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=None, help="env steps per run (default: per-env budget)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, each pinned to one core")
+    parser.add_argument("--out", type=Path, default=Path("benchmark_results"))
+    parser.add_argument("--kwargs", type=json.loads, default={}, help='Dreamer keyword overrides as JSON, e.g. \'{"train_ratio": 256}\'')
+    parser.add_argument("--eval-freq", type=int, default=1000)
+    parser.add_argument("--eval-episodes", type=int, default=10)
+    parser.add_argument("--one", nargs=2, metavar=("ENV", "SEED"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.one:
+        env_id, seed = args.one[0], int(args.one[1])
+        run_one(env_id, seed, args.steps or BUDGETS.get(env_id, 20_000), args.out, args.kwargs, args.eval_freq, args.eval_episodes)
+        return
+
+    todo = [(e, s) for e in args.envs for s in args.seeds if not (args.out / f"{e}_seed{s}.json").exists()]
+    print(f"{len(todo)} run(s) to do, {len(args.envs) * len(args.seeds) - len(todo)} already done in {args.out}", flush=True)
+    running: list[tuple[subprocess.Popen, int, str]] = []
+    free_cores = list(range(os.cpu_count() or 1))
+    while todo or running:
+        while todo and len(running) < args.jobs:
+            env_id, seed = todo.pop(0)
+            cmd = [sys.executable, "-m", "sb3_dreamer.benchmark", "--one", env_id, str(seed), "--out", str(args.out),
+                   "--kwargs", json.dumps(args.kwargs), "--eval-freq", str(args.eval_freq), "--eval-episodes", str(args.eval_episodes)]  # fmt: skip
+            if args.steps:
+                cmd += ["--steps", str(args.steps)]
+            env = dict(os.environ)
+            core = free_cores.pop(0) if args.jobs > 1 and free_cores else None
+            if core is not None:
+                env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+                cmd = ["taskset", "-c", str(core), *cmd]
+            log = open(args.out / f"{env_id}_seed{seed}.log", "w")
+            running.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), core, f"{env_id} seed {seed}"))
+            print(f"started {env_id} seed {seed}" + (f" on core {core}" if core is not None else ""), flush=True)
+        time.sleep(2)
+        for proc, core, name in list(running):
+            if proc.poll() is not None:
+                running.remove((proc, core, name))
+                if core is not None:
+                    free_cores.append(core)
+                status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see its .log)"
+                print(f"{name}: {status}", flush=True)
+    records = [json.loads(p.read_text()) for e in args.envs for s in args.seeds if (p := args.out / f"{e}_seed{s}.json").exists()]
+    result = table(records)
+    (args.out / "results.md").write_text(result + "\n")
+    print(result)
+
+
+if __name__ == "__main__":
+    main()
