@@ -37,7 +37,7 @@ def run_one(env_id: str, seed: int, steps: int, out: Path, kwargs: dict, eval_fr
 
     model = Dreamer("MlpLatentPolicy", env_id, seed=seed, **kwargs)
     eval_env = make_vec_env(env_id, n_envs=1, seed=seed + 10_000)
-    callback = EvalCallback(eval_env, eval_freq=eval_freq, n_eval_episodes=eval_episodes, deterministic=True, verbose=0)
+    callback = EvalCallback(eval_env, eval_freq=eval_freq, n_eval_episodes=eval_episodes, deterministic=True, verbose=1)
     train_start = time.perf_counter()
     model.learn(steps, callback=callback)
     train_time = time.perf_counter() - train_start

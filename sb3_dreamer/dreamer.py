@@ -61,7 +61,10 @@ class Dreamer(BaseAlgorithm):
         ``train_ratio / (batch_size * sequence_length)``: with the defaults 512 / (16 * 64) = 0.5,
         one update every two env steps (counted over all envs). DreamerV3's presets: 32 (default),
         256 (Atari100k), 1024 (proprioceptive control). The realised value is logged as ``train/replay_ratio``.
-    :param imagination_horizon: imagined steps from each posterior state (H)
+    :param imagination_horizon: imagined steps from each start state (H)
+    :param imagination_starts: posterior states imagination starts from, drawn at random from the
+        ``batch_size * sequence_length`` of the batch; None uses all of them (DreamerV3). The
+        actor-critic's cost grows with this number, the world model's does not.
     :param gamma: discount, learned into the continue head (DreamerV3: 1 - 1/333)
     :param return_lambda: lambda of the lambda-returns
     :param entropy_coef: actor entropy bonus
@@ -95,6 +98,7 @@ class Dreamer(BaseAlgorithm):
         sequence_length: int = 64,
         train_ratio: float = 512.0,
         imagination_horizon: int = 15,
+        imagination_starts: int | None = None,
         gamma: float = 1.0 - 1.0 / 333.0,
         return_lambda: float = 0.95,
         entropy_coef: float = 3e-4,
@@ -135,6 +139,7 @@ class Dreamer(BaseAlgorithm):
         self.sequence_length = sequence_length
         self.train_ratio = train_ratio
         self.imagination_horizon = imagination_horizon
+        self.imagination_starts = imagination_starts
         self.gamma = gamma
         self.return_lambda = return_lambda
         self.entropy_coef = entropy_coef
@@ -192,6 +197,19 @@ class Dreamer(BaseAlgorithm):
         self.replay_buffer = buffer
 
     # ------------------------------------------------------------------------------------ learn
+    def _setup_learn(
+        self,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        reset_num_timesteps: bool = True,
+        tb_log_name: str = "run",
+        progress_bar: bool = False,
+    ) -> tuple[int, BaseCallback]:
+        if reset_num_timesteps or self._last_obs is None:
+            # The env is about to be reset: the episode in progress in each column ends here.
+            self.replay_buffer.truncate_last_trajectories()
+        return super()._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
+
     def learn(
         self: SelfDreamer,
         total_timesteps: int,
@@ -293,8 +311,13 @@ class Dreamer(BaseAlgorithm):
         batch, steps = data.rewards.shape
         # 1. World model on the replayed batch.
         wm_out = wm.loss(data.observations, data.prev_actions, data.rewards, data.is_first, data.is_terminal, self.gamma)
-        # 2. Imagination from every posterior state (B*T starts).
-        traj = policy.imagine(wm_out.deter.flatten(0, 1), wm_out.stoch.flatten(0, 1), self.imagination_horizon)
+        # 2. Imagination from the posterior states (all of them, or a random subset).
+        deter, stoch = wm_out.deter.flatten(0, 1), wm_out.stoch.flatten(0, 1)
+        starts = None
+        if self.imagination_starts is not None and self.imagination_starts < batch * steps:
+            starts = th.randperm(batch * steps, device=deter.device)[: self.imagination_starts]
+            deter, stoch = deter[starts], stoch[starts]
+        traj = policy.imagine(deter, stoch, self.imagination_horizon)
         with th.no_grad():
             reward, cont = wm.reward(traj.feat), wm.cont(traj.feat)
             slow_value = critic.value(policy.critic_slow(traj.feat))
@@ -307,15 +330,19 @@ class Dreamer(BaseAlgorithm):
         advantage = (returns - value[:, :-1]) / scale
         policy_loss = actor_loss(traj.log_prob[:, :-1], traj.entropy[:, :-1], advantage, weight, self.entropy_coef).mean()
         value_loss = (weight * critic_loss(critic, value_logits[:, :-1], returns, slow_value[:, :-1])).mean()
-        # 4. Replay value loss: the critic on real sequences, bootstrapped by the imagined returns.
+        # 4. Replay value loss: the critic on real sequences, bootstrapped by the imagined returns
+        #    (by the critic's own value at states imagination did not start from).
         real_feat = th.cat([wm_out.deter, wm_out.stoch], -1)
         real_logits = critic(real_feat)
         with th.no_grad():
             real_slow = critic.value(policy.critic_slow(real_feat))
+            if starts is None:
+                boot = returns[:, 0].view(batch, steps)
+            else:
+                boot = critic.value(real_logits).flatten().index_put((starts,), returns[:, 0]).view(batch, steps)
         real_returns = lambda_return(
-            data.rewards, (1.0 - data.is_terminal) * self.gamma, returns[:, 0].detach().view(batch, steps),
-            self.return_lambda, last=data.is_last,
-        )  # fmt: skip
+            data.rewards, (1.0 - data.is_terminal) * self.gamma, boot, self.return_lambda, last=data.is_last
+        )
         keep = 1.0 - data.is_last[:, :-1]
         replay_loss = (keep * critic_loss(critic, real_logits[:, :-1], real_returns, real_slow[:, :-1])).mean()
 

@@ -20,9 +20,16 @@ def symexp(x: th.Tensor) -> th.Tensor:
     return th.sign(x) * th.expm1(x.abs())
 
 
-def twohot_bins(num_bins: int = 255, low: float = -20.0, high: float = 20.0) -> th.Tensor:
-    """Bins evenly spaced in symlog space, ``symexp(linspace(low, high, num_bins))``: shape [N]."""
-    return symexp(th.linspace(low, high, num_bins))
+def twohot_bins(num_bins: int = 255, limit: float = 20.0) -> th.Tensor:
+    """Bins evenly spaced in symlog space, ``symexp(linspace(-limit, limit, num_bins))``: shape [N].
+
+    Built as one half mirrored, so the bins are exactly symmetric with an exact 0 in the middle
+    (``linspace`` in float32 puts the centre at 7e-8). ``num_bins`` must be odd.
+    """
+    if num_bins < 3 or num_bins % 2 == 0:
+        raise ValueError(f"num_bins must be odd and at least 3 (symmetric bins around 0), got {num_bins}")
+    half = symexp(th.linspace(0.0, limit, (num_bins + 1) // 2, dtype=th.float64))
+    return th.cat([-half.flip(0)[:-1], half]).float()
 
 
 def twohot(x: th.Tensor, bins: th.Tensor) -> th.Tensor:
@@ -33,7 +40,7 @@ def twohot(x: th.Tensor, bins: th.Tensor) -> th.Tensor:
     Values outside the range put all weight on the outermost bin.
     """
     num_bins = bins.shape[0]
-    above = th.bucketize(x, bins).clamp(0, num_bins - 1)  # first bin >= x
+    above = th.bucketize(x.contiguous(), bins).clamp(0, num_bins - 1)  # first bin >= x
     below = (above - 1).clamp(0, num_bins - 1)
     below = th.where(bins[above] <= x, above, below)  # x on a bin, or beyond the last one
     dist_below = (x - bins[below]).abs()
@@ -54,6 +61,8 @@ def twohot_mean(logits: th.Tensor, bins: th.Tensor) -> th.Tensor:
     Sums the two halves of symmetric bins towards the centre, so uniform probabilities give
     exactly 0 (a left-to-right sum accumulates rounding error and would not).
     """
+    if bins.shape[0] % 2 == 0:
+        raise ValueError(f"twohot_mean needs an odd number of symmetric bins, got {bins.shape[0]}")
     probs = F.softmax(logits, dim=-1)
     mid = (bins.shape[0] - 1) // 2
     left = (probs[..., :mid] * bins[:mid]).flip(-1)

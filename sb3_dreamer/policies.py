@@ -181,6 +181,12 @@ class DreamerPolicy(BasePolicy):
         deterministic: bool = False,
     ) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
         """Actions for a batch of observations, carrying the latent state (see module docstring)."""
+        if isinstance(observation, tuple) and len(observation) == 2 and isinstance(observation[1], dict):
+            raise ValueError(
+                "You have passed a tuple to the predict() function instead of a Numpy array or a Dict. "
+                "You are probably mixing Gym API with SB3 VecEnv API: `obs, info = env.reset()` (Gym) "
+                "vs `obs = vec_env.reset()` (SB3 VecEnv)."
+            )
         self.set_training_mode(False)
         obs_tensor, vectorized = self.obs_to_tensor(observation)  # validates the shape
         n = obs_tensor.shape[0]

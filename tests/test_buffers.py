@@ -1,0 +1,261 @@
+"""SequenceReplayBuffer on its own, and the rows Dreamer writes into it (time alignment)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.save_util import save_to_pkl
+from stable_baselines3.common.vec_env import DummyVecEnv
+
+from sb3_dreamer.buffers import SequenceReplayBuffer
+
+from .helpers import counting_env, make_model, time_limited
+
+OBS_SPACE = spaces.Box(-np.inf, np.inf, shape=(1,), dtype=np.float32)
+ACTION_SPACE = spaces.Discrete(2)
+
+
+def make_buffer(buffer_size: int, n_envs: int = 1) -> SequenceReplayBuffer:
+    return SequenceReplayBuffer(buffer_size, OBS_SPACE, ACTION_SPACE, device="cpu", n_envs=n_envs)
+
+
+def add_rows(buffer: SequenceReplayBuffer, values, env_indices=None) -> None:
+    """Add one row per column in ``env_indices`` (all by default) per entry of ``values``; obs = reward = value."""
+    for value in values:
+        n = buffer.n_envs if env_indices is None else len(env_indices)
+        value = np.broadcast_to(np.asarray(value, dtype=np.float32), (n,))
+        false = np.zeros(n, dtype=bool)
+        action = np.tile([1.0, 0.0], (n, 1))
+        buffer.add(value[:, None], action, value, false, false, false, env_indices=env_indices)
+
+
+def assert_consecutive(windows: th.Tensor) -> None:
+    """Every sampled window [B, T] of row ids must be consecutive rows of one column."""
+    assert (windows.diff(dim=1) == 1).all(), windows
+
+
+# ------------------------------------------------------------------------------------ storage
+def test_allocates_lazily():
+    buffer = SequenceReplayBuffer(1_000_000, OBS_SPACE, ACTION_SPACE, device="cpu")
+    assert buffer.size() == 0 and not hasattr(buffer, "observations")
+    assert buffer.nbytes > 0
+    add_rows(buffer, [0.0])
+    assert buffer.observations.shape == (1_000_000, 1, 1)
+    assert buffer.actions.shape == (1_000_000, 1, 2)
+
+
+def test_rejects_fewer_rows_than_envs():
+    with pytest.raises(ValueError, match="n_envs"):
+        make_buffer(buffer_size=1, n_envs=2)
+
+
+def test_ring_wrap_around():
+    buffer = make_buffer(buffer_size=5)
+    add_rows(buffer, range(8))
+    np.testing.assert_array_equal(buffer.observations[:, 0, 0], [5, 6, 7, 3, 4])
+    assert buffer.pos[0] == 3 and buffer.size() == 5
+
+
+def test_windows_never_cross_the_write_position():
+    np.random.seed(0)
+    buffer = make_buffer(buffer_size=5)
+    add_rows(buffer, range(8))  # holds 3..7, oldest at row 3
+    samples = buffer.sample(batch_size=200, sequence_length=3)
+    windows = samples.observations[..., 0]
+    assert_consecutive(windows)
+    assert set(windows[:, 0].tolist()) == {3.0, 4.0, 5.0}
+    th.testing.assert_close(samples.rewards, windows)  # rows are sampled whole
+
+
+def test_window_covering_whole_buffer():
+    np.random.seed(0)
+    buffer = make_buffer(buffer_size=4)
+    add_rows(buffer, range(6))
+    windows = buffer.sample(batch_size=10, sequence_length=4).observations[..., 0]
+    assert (windows == th.tensor([2.0, 3.0, 4.0, 5.0])).all()
+
+
+def test_sample_shapes_dtypes_and_forced_is_first():
+    np.random.seed(0)
+    buffer = make_buffer(buffer_size=50)
+    add_rows(buffer, range(20))
+    samples = buffer.sample(batch_size=3, sequence_length=6)
+    assert samples.observations.shape == (3, 6, 1)
+    assert samples.actions.shape == (3, 6, 2)
+    for x in (samples.rewards, samples.is_first, samples.is_last, samples.is_terminal):
+        assert x.shape == (3, 6) and x.dtype == th.float32
+    # No row was written with is_first, yet every window starts from a fresh state.
+    assert (samples.is_first[:, 0] == 1).all() and (samples.is_first[:, 1:] == 0).all()
+    assert not buffer.is_first.any()  # forcing is done on the sample, not the storage
+    # prev_actions: zero at t=0, the previous row's action after.
+    assert (samples.prev_actions[:, 0] == 0).all()
+    th.testing.assert_close(samples.prev_actions[:, 1:], samples.actions[:, :-1])
+
+
+def test_columns_advance_independently():
+    np.random.seed(0)
+    buffer = make_buffer(buffer_size=20, n_envs=2)  # 10 rows per column
+    add_rows(buffer, [0.0, 1.0], env_indices=[0])
+    add_rows(buffer, [100.0, 101.0, 102.0], env_indices=[1])
+    add_rows(buffer, [[2.0, 103.0]])  # both columns at once
+    assert buffer.pos.tolist() == [3, 4] and buffer.size() == 7
+    np.testing.assert_array_equal(buffer.observations[:3, 0, 0], [0, 1, 2])
+    np.testing.assert_array_equal(buffer.observations[:4, 1, 0], [100, 101, 102, 103])
+    windows = buffer.sample(batch_size=300, sequence_length=3).observations[..., 0]
+    assert_consecutive(windows)
+    # Column 0 has one window (0..2), column 1 two (100.., 101..): all three get sampled.
+    assert set(windows[:, 0].tolist()) == {0.0, 100.0, 101.0}
+
+
+def test_short_column_is_never_sampled():
+    np.random.seed(0)
+    buffer = make_buffer(buffer_size=20, n_envs=2)
+    add_rows(buffer, range(6), env_indices=[0])
+    add_rows(buffer, [100.0, 101.0], env_indices=[1])
+    windows = buffer.sample(batch_size=100, sequence_length=4).observations[..., 0]
+    assert (windows < 100).all()
+
+
+def test_sample_too_short_raises():
+    buffer = make_buffer(buffer_size=20)
+    assert not buffer.can_sample(2)
+    with pytest.raises(ValueError, match="sequence_length"):
+        buffer.sample(batch_size=2, sequence_length=2)  # empty
+    add_rows(buffer, range(3))
+    assert buffer.can_sample(3) and not buffer.can_sample(4)
+    with pytest.raises(ValueError, match="Cannot sample windows of 4 steps"):
+        buffer.sample(batch_size=2, sequence_length=4)
+
+
+def test_truncate_last_trajectories():
+    buffer = make_buffer(buffer_size=20, n_envs=2)
+    buffer.truncate_last_trajectories()  # unallocated: nothing to do
+    add_rows(buffer, range(3), env_indices=[0])
+    buffer.truncate_last_trajectories()
+    assert buffer.is_last[:, 0].tolist() == [False, False, True] + [False] * 7
+    assert not buffer.is_last[:, 1].any()  # empty column untouched
+
+
+# ------------------------------------------------------------------------------------ Dreamer's rows
+def collect(env, steps: int, **kwargs):
+    """Run Dreamer for ``steps`` env steps without any update and return its replay buffer."""
+    model = make_model(env, learning_starts=10_000, buffer_size=1_000, seed=0, **kwargs)
+    model.learn(steps)
+    return model.replay_buffer
+
+
+def column(buffer: SequenceReplayBuffer, col: int = 0) -> dict[str, np.ndarray]:
+    n = buffer.pos[col]
+    assert buffer.count[col] == n, "this helper expects a column that has not wrapped"
+    return {
+        name: getattr(buffer, name)[:n, col]
+        for name in ("observations", "actions", "rewards", "is_first", "is_last", "is_terminal")
+    }
+
+
+def expected_flags(episode_length: int, episodes: int, terminal: bool) -> dict[str, list[bool]]:
+    """Flags of ``episodes`` full episodes: rows obs_0..obs_L (L+1 rows, the final observation included)."""
+    rows = episode_length + 1
+    first = ([True] + [False] * episode_length) * episodes
+    last = ([False] * episode_length + [True]) * episodes
+    return {"is_first": first, "is_last": last, "is_terminal": last if terminal else [False] * (rows * episodes)}
+
+
+@pytest.mark.parametrize("terminal", [True, False], ids=["terminated", "truncated"])
+def test_dreamer_rows_time_alignment(terminal):
+    length = 3
+    env = counting_env(terminate_at=length) if terminal else counting_env(max_episode_steps=length)
+    rows = column(collect(env, steps=3 * length))  # exactly three episodes
+    # Observation t of each episode: 0, 1, 2, 3 (final observation), then a fresh reset.
+    np.testing.assert_array_equal(rows["observations"][:, 0], [0, 1, 2, 3] * 3)
+    # The reward that led to obs_t is t, and 0 on reset rows.
+    np.testing.assert_array_equal(rows["rewards"], rows["observations"][:, 0])
+    for flag, expected in expected_flags(length, 3, terminal).items():
+        assert rows[flag].tolist() == expected, flag
+    # actions[t] is the action taken at obs_t: the env echoes it in obs_{t+1}[1]; final rows store zeros.
+    taken = rows["actions"].argmax(-1)
+    not_final = ~rows["is_last"]
+    np.testing.assert_array_equal(taken[:-1][not_final[:-1]], rows["observations"][1:, 1][not_final[:-1]])
+    assert (rows["actions"][rows["is_last"]] == 0).all()
+    assert (rows["actions"][not_final].sum(-1) == 1).all()  # one-hot
+
+
+def test_dreamer_rows_with_two_envs():
+    # Column 0 ends episodes every 2 steps, column 1 every 4: the columns drift apart.
+    vec_env = DummyVecEnv([lambda: counting_env(terminate_at=2), lambda: counting_env(max_episode_steps=4)])
+    buffer = collect(vec_env, steps=16)  # 8 steps per env
+    first, second = column(buffer, 0), column(buffer, 1)
+    assert buffer.pos.tolist() == [12, 10]  # 8 rows + 4 (resp. 2) final-observation rows
+    np.testing.assert_array_equal(first["observations"][:, 0], [0, 1, 2] * 4)
+    np.testing.assert_array_equal(second["observations"][:, 0], [0, 1, 2, 3, 4] * 2)
+    for rows, length, episodes, terminal in ((first, 2, 4, True), (second, 4, 2, False)):
+        np.testing.assert_array_equal(rows["rewards"], rows["observations"][:, 0])
+        for flag, expected in expected_flags(length, episodes, terminal).items():
+            assert rows[flag].tolist() == expected, flag
+
+
+def test_dreamer_rows_on_cartpole():
+    # Random CartPole episodes under a 20-step limit: some terminate, some are truncated.
+    vec_env = DummyVecEnv([time_limited("CartPole-v1", 20)])
+    rows = column(collect(vec_env, steps=200))
+    is_first, is_last, is_terminal = rows["is_first"], rows["is_last"], rows["is_terminal"]
+    assert is_first[0] and (rows["rewards"][is_first] == 0).all()
+    assert (rows["rewards"][~is_first] == 1).all()
+    assert not (is_terminal & ~is_last).any()
+    # Every ending row is followed by a reset row, and every reset row (but the first) follows an ending.
+    np.testing.assert_array_equal(is_first[1:], is_last[:-1])
+    # Episode lengths (rows between resets, final observation excluded): 20 means truncated, fewer terminated.
+    starts = np.flatnonzero(is_first)
+    lengths = np.diff(starts) - 1
+    ended_terminal = is_terminal[starts[1:] - 1]
+    assert lengths.max() <= 20
+    np.testing.assert_array_equal(ended_terminal, lengths < 20)
+    assert ended_terminal.any()
+
+
+def test_forced_reset_marks_the_interrupted_episode_last():
+    model = make_model(counting_env(max_episode_steps=5), learning_starts=10_000, buffer_size=100)
+    model.learn(13)  # two full episodes (12 rows), then obs 0, 1, 2 of a third
+    model.learn(3)  # resets the env: the third episode never ends
+    rows = column(model.replay_buffer)
+    np.testing.assert_array_equal(rows["observations"][12:, 0], [0, 1, 2, 0, 1, 2])
+    assert rows["is_first"][15]
+    assert rows["is_last"][14] and not rows["is_terminal"][14]
+
+
+# ------------------------------------------------------------------------------------ save / load
+@pytest.mark.parametrize("truncate_last_traj", [True, False])
+def test_replay_buffer_save_load_round_trip(tmp_path, truncate_last_traj):
+    model = make_model(counting_env(max_episode_steps=5), learning_starts=10_000, buffer_size=100)
+    model.learn(13)  # ends mid-episode: the newest row is not an ending
+    path = tmp_path / "replay.pkl"
+    model.save_replay_buffer(path)
+    original = model.replay_buffer
+
+    other = make_model(counting_env(max_episode_steps=5))
+    other.load_replay_buffer(path, truncate_last_traj=truncate_last_traj)
+    loaded = other.replay_buffer
+    assert loaded.size() == original.size() == 15 and loaded.pos.tolist() == original.pos.tolist()
+    newest = original.pos[0] - 1
+    assert not original.is_last[newest, 0]
+    for name in ("observations", "actions", "rewards", "is_first", "is_terminal"):
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(original, name))
+    expected_last = original.is_last.copy()
+    expected_last[newest, 0] = truncate_last_traj
+    np.testing.assert_array_equal(loaded.is_last, expected_last)
+    other.learn(60, reset_num_timesteps=False)  # and it keeps being usable for training
+    assert other._n_updates > 0
+
+
+def test_load_replay_buffer_errors(tmp_path):
+    model = make_model("CartPole-v1", learning_starts=10_000)
+    model.learn(5)
+    model.save_replay_buffer(tmp_path / "replay.pkl")
+    two_envs = make_model(DummyVecEnv([lambda: counting_env(5)] * 2))
+    with pytest.raises(ValueError, match="n_envs"):
+        two_envs.load_replay_buffer(tmp_path / "replay.pkl")
+    save_to_pkl(tmp_path / "not_a_buffer.pkl", {"a": 1})
+    with pytest.raises(TypeError, match="SequenceReplayBuffer"):
+        model.load_replay_buffer(tmp_path / "not_a_buffer.pkl")

@@ -1,0 +1,287 @@
+"""Modules by their invariants: RSSM, heads, world model, distributions, LaProp, policy imagination."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch as th
+from gymnasium import spaces
+from torch import distributions as D
+
+from sb3_dreamer.distributions import BoundedNormal, OneHotCategorical
+from sb3_dreamer.networks.actor_critic import Critic, update_return_percentiles
+from sb3_dreamer.networks.layers import BlockLinear
+from sb3_dreamer.optimizers import LaProp
+from sb3_dreamer.policies import DreamerPolicy
+
+from .helpers import TINY_POLICY_KWARGS, TINY_RSSM_KWARGS, assert_state_dicts_equal, make_rssm, make_world_model
+
+B, T, E, A = 2, 6, 5, 2
+DETER, STOCH_DIM = TINY_RSSM_KWARGS["deter"], TINY_RSSM_KWARGS["stoch"] * TINY_RSSM_KWARGS["classes"]
+
+
+def random_sequence(seed: int = 0, reset_at: int | None = None):
+    """Embeddings [B, T, E], previous actions [B, T, A] and is_first [B, T] (1 at t=0 and t=reset_at)."""
+    gen = th.Generator().manual_seed(seed)
+    embed = th.randn(B, T, E, generator=gen)
+    prev_action = th.randn(B, T, A, generator=gen)
+    is_first = th.zeros(B, T)
+    is_first[:, 0] = 1.0
+    if reset_at is not None:
+        is_first[:, reset_at] = 1.0
+    return embed, prev_action, is_first
+
+
+def obs_step_loop(rssm, embed, prev_action, is_first, deterministic: bool):
+    """observe() written out as a loop of obs_step from the zero state."""
+    deter, stoch = rssm.initial(embed.shape[0], embed.device)
+    deters, stochs, logits = [], [], []
+    for t in range(embed.shape[1]):
+        proj = rssm.embed_projection(embed[:, t])
+        deter, stoch, logit = rssm.obs_step(deter, stoch, prev_action[:, t], proj, is_first[:, t], deterministic)
+        deters.append(deter)
+        stochs.append(stoch)
+        logits.append(logit)
+    return th.stack(deters, 1), th.stack(stochs, 1), th.stack(logits, 1)
+
+
+# ------------------------------------------------------------------------------------ RSSM
+def test_rssm_observe_shapes_and_one_hot_stoch():
+    rssm = make_rssm(E, A)
+    deter, stoch, logits = rssm.observe(*random_sequence())
+    assert deter.shape == (B, T, DETER)
+    assert stoch.shape == (B, T, STOCH_DIM)
+    assert logits.shape == (B, T, TINY_RSSM_KWARGS["stoch"], TINY_RSSM_KWARGS["classes"])
+    assert rssm.feat_dim == DETER + STOCH_DIM
+    groups = stoch.detach().unflatten(-1, (TINY_RSSM_KWARGS["stoch"], TINY_RSSM_KWARGS["classes"]))
+    th.testing.assert_close(groups.sum(-1), th.ones(B, T, TINY_RSSM_KWARGS["stoch"]))
+    th.testing.assert_close(groups, groups.round(), rtol=0, atol=1e-6)  # one-hot up to straight-through rounding
+    th.testing.assert_close(logits.exp().sum(-1), th.ones(B, T, TINY_RSSM_KWARGS["stoch"]))
+
+
+def test_rssm_observe_equals_obs_step_loop():
+    rssm = make_rssm(E, A)
+    sequence = random_sequence(reset_at=3)
+    th.manual_seed(123)
+    expected = rssm.observe(*sequence)
+    th.manual_seed(123)
+    got = obs_step_loop(rssm, *sequence, deterministic=False)
+    for x, y in zip(got, expected):
+        th.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_rssm_reset_at_is_first_equals_fresh_start():
+    rssm = make_rssm(E, A)
+    k = 3
+    embed, prev_action, is_first = random_sequence(reset_at=k)
+    # The deterministic state at the reset does not depend on sampling at all.
+    full_deter = rssm.observe(embed, prev_action, is_first)[0]
+    fresh_deter = rssm.observe(embed[:, k:], prev_action[:, k:], is_first[:, k:])[0]
+    th.testing.assert_close(full_deter[:, k], fresh_deter[:, 0], rtol=0, atol=1e-6)
+    # With deterministic (argmax) latents the whole rest of the sequence matches.
+    full = obs_step_loop(rssm, embed, prev_action, is_first, deterministic=True)
+    fresh = obs_step_loop(rssm, embed[:, k:], prev_action[:, k:], is_first[:, k:], deterministic=True)
+    for x, y in zip(full, fresh):
+        th.testing.assert_close(x[:, k:], y, rtol=1e-5, atol=1e-6)
+    # Without the reset the history leaks into step k (so the comparison above can fail).
+    is_first[:, k] = 0.0
+    leaked = obs_step_loop(rssm, embed, prev_action, is_first, deterministic=True)[0]
+    assert not th.allclose(leaked[:, k], fresh[0][:, 0], atol=1e-4)
+
+
+def test_rssm_is_first_masks_previous_action():
+    rssm = make_rssm(E, A)
+    deter, stoch = th.randn(B, DETER), th.randn(B, STOCH_DIM)
+    proj = rssm.embed_projection(th.randn(B, E))
+    ones = th.ones(B)
+    got = rssm.obs_step(deter, stoch, th.randn(B, A), proj, ones, deterministic=True)
+    zero_deter, zero_stoch = rssm.initial(B, th.device("cpu"))
+    fresh = rssm.obs_step(zero_deter, zero_stoch, th.zeros(B, A), proj, ones, deterministic=True)
+    for x, y in zip(got, fresh):
+        th.testing.assert_close(x, y)
+
+
+def test_rssm_img_step_shapes():
+    rssm = make_rssm(E, A)
+    deter, stoch = rssm.img_step(th.randn(7, DETER), th.randn(7, STOCH_DIM), th.randn(7, A))
+    assert deter.shape == (7, DETER) and stoch.shape == (7, STOCH_DIM)
+
+
+def test_rssm_rejects_indivisible_blocks():
+    with pytest.raises(ValueError, match="divisible"):
+        make_rssm(E, A, deter=10, blocks=4)
+    with pytest.raises(ValueError, match="divisible"):
+        BlockLinear(10, 8, blocks=4)
+
+
+# ------------------------------------------------------------------------------------ heads, world model
+def test_reward_head_and_critic_predict_exactly_zero_at_init():
+    wm = make_world_model()
+    critic = Critic(wm.rssm.feat_dim, units=8, layers=1)
+    feat = th.randn(4, wm.rssm.feat_dim)
+    assert th.count_nonzero(wm.reward(feat)) == 0
+    assert th.count_nonzero(critic.value(critic(feat))) == 0
+
+
+def fixed_batch(obs_dim: int = 3, action_dim: int = 2):
+    gen = th.Generator().manual_seed(0)
+    obs = th.randn(2, 8, obs_dim, generator=gen)
+    prev_action = th.nn.functional.one_hot(th.randint(action_dim, (2, 8), generator=gen), action_dim).float()
+    reward = th.randn(2, 8, generator=gen)
+    is_first = th.zeros(2, 8)
+    is_first[:, 0] = 1.0
+    is_terminal = th.zeros(2, 8)
+    is_terminal[0, -1] = 1.0
+    return obs, prev_action, reward, is_first, is_terminal
+
+
+def test_world_model_loss_shapes_and_metrics():
+    wm = make_world_model()
+    out = wm.loss(*fixed_batch(), gamma=0.99)
+    assert out.loss.shape == (2, 8)
+    assert out.deter.shape == (2, 8, DETER) and out.stoch.shape == (2, 8, STOCH_DIM)
+    assert {"rec_loss", "reward_loss", "cont_loss", "dyn_kl", "rep_kl"} <= out.metrics.keys()
+    assert th.isfinite(out.loss).all()
+    # KL terms are clipped at free_bits: the loss is at least dyn_scale + rep_scale free bits.
+    assert (out.loss >= wm.free_bits * (wm.dyn_scale + wm.rep_scale) - 1e-5).all()
+
+
+def test_world_model_overfits_a_fixed_batch():
+    th.manual_seed(0)
+    wm = make_world_model()
+    batch = fixed_batch()
+    optimizer = LaProp(wm.parameters(), lr=3e-3, warmup=0)
+
+    def loss_value(seed: int = 0) -> float:
+        th.manual_seed(seed)
+        with th.no_grad():
+            return wm.loss(*batch, gamma=0.99).loss.mean().item()
+
+    initial = loss_value()
+    for _ in range(50):
+        optimizer.zero_grad()
+        wm.loss(*batch, gamma=0.99).loss.mean().backward()
+        optimizer.step()
+    final = loss_value()
+    assert final < 0.7 * initial, (initial, final)
+
+
+# ------------------------------------------------------------------------------------ distributions
+def test_one_hot_categorical_matches_torch():
+    th.manual_seed(0)
+    logits = th.randn(4, 3, 5)
+    ours, ref = OneHotCategorical(logits), D.OneHotCategorical(logits=logits)
+    action = ref.sample()
+    th.testing.assert_close(ours.log_prob(action), ref.log_prob(action))
+    th.testing.assert_close(ours.entropy(), ref.entropy())
+    th.testing.assert_close(ours.mode(), th.nn.functional.one_hot(logits.argmax(-1), 5).float())
+    sample = ours.sample()
+    assert sample.shape == (4, 3, 5)
+    th.testing.assert_close(sample.sum(-1), th.ones(4, 3))
+
+
+def test_one_hot_categorical_sampling_frequencies():
+    th.manual_seed(0)
+    probs = th.tensor([0.1, 0.6, 0.3])
+    samples = OneHotCategorical(th.log(probs).expand(20_000, 3)).sample()
+    th.testing.assert_close(samples.mean(0), probs, atol=0.02, rtol=0)
+
+
+def test_bounded_normal_matches_torch():
+    th.manual_seed(0)
+    raw = th.randn(4, 6) * 3
+    ours = BoundedNormal(raw, min_std=0.1, max_std=1.0)
+    mean, std_raw = raw.chunk(2, -1)
+    std = 0.9 * th.sigmoid(std_raw + 2.0) + 0.1
+    ref = D.Independent(D.Normal(th.tanh(mean), std), 1)
+    th.testing.assert_close(ours.mean, th.tanh(mean))
+    assert (ours.std >= 0.1).all() and (ours.std <= 1.0).all()
+    action = ref.sample()
+    th.testing.assert_close(ours.log_prob(action), ref.log_prob(action))
+    th.testing.assert_close(ours.entropy(), ref.entropy())
+    th.testing.assert_close(ours.mode(), th.tanh(mean))
+    assert ours.sample().shape == (4, 3)
+
+
+# ------------------------------------------------------------------------------------ LaProp
+def quadratic_problem():
+    param = th.nn.Parameter(th.tensor([5.0, -3.0, 0.5]))
+    target = th.tensor([1.0, 2.0, -1.0])
+    return param, lambda: ((param - target) ** 2).sum()
+
+
+def test_laprop_first_step_is_sign_of_gradient():
+    # m_1 / (1 - beta1) = g / sqrt(g^2) = sign(g): the first update is lr * warm-up factor * sign(g).
+    param, loss_fn = quadratic_problem()
+    optimizer = LaProp([param], lr=0.1, warmup=4, agc=0.0)
+    start = param.detach().clone()
+    loss_fn().backward()
+    grad_sign = param.grad.sign()
+    optimizer.step()
+    th.testing.assert_close(param.detach(), start - 0.1 * (1 / 4) * grad_sign)
+
+
+def test_laprop_decreases_a_quadratic():
+    param, loss_fn = quadratic_problem()
+    optimizer = LaProp([param], lr=0.05, warmup=10)
+    initial = loss_fn().item()
+    for _ in range(200):
+        optimizer.zero_grad()
+        loss_fn().backward()
+        optimizer.step()
+    assert loss_fn().item() < 0.05 * initial
+
+
+def test_laprop_state_dict_round_trip():
+    param, loss_fn = quadratic_problem()
+    optimizer = LaProp([param], lr=0.05, warmup=10)
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss_fn().backward()
+        optimizer.step()
+    state = optimizer.state_dict()
+    assert all(isinstance(v, th.Tensor) and v.is_floating_point() for v in state["state"][0].values())
+
+    clone, clone_loss_fn = quadratic_problem()
+    with th.no_grad():
+        clone.copy_(param)
+    restored = LaProp([clone], lr=0.05, warmup=10)
+    restored.load_state_dict(copy.deepcopy(state))  # as if through a file: no tensor shared with `optimizer`
+    for _, opt, fn in ((param, optimizer, loss_fn), (clone, restored, clone_loss_fn)):
+        opt.zero_grad()
+        fn().backward()
+        opt.step()
+    th.testing.assert_close(clone, param, rtol=0, atol=0)
+    assert_state_dicts_equal(restored.state_dict(), optimizer.state_dict())
+
+
+def test_laprop_rejects_negative_hyperparameters():
+    with pytest.raises(ValueError):
+        LaProp([th.nn.Parameter(th.zeros(1))], lr=-1.0)
+
+
+# ------------------------------------------------------------------------------------ policy pieces
+@pytest.mark.parametrize("action_space", [spaces.Discrete(3), spaces.Box(-2.0, 2.0, shape=(2,))])
+def test_policy_imagine_shapes(action_space):
+    obs_space = spaces.Box(-1.0, 1.0, shape=(4,))
+    policy = DreamerPolicy(obs_space, action_space, lambda _: 1e-3, **TINY_POLICY_KWARGS)
+    deter, stoch = th.randn(5, DETER), th.zeros(5, STOCH_DIM)
+    traj = policy.imagine(deter, stoch, horizon=3)
+    action_dim = policy.action_dim
+    assert traj.feat.shape == (5, 4, DETER + STOCH_DIM)
+    assert traj.actions.shape == (5, 4, action_dim)
+    assert traj.log_prob.shape == traj.entropy.shape == (5, 4)
+    assert traj.log_prob.requires_grad and not traj.feat.requires_grad
+
+
+def test_return_percentiles_ema():
+    low, high = th.zeros(()), th.zeros(())
+    returns = th.linspace(0.0, 100.0, 101)
+    scale = update_return_percentiles(returns, low, high, decay=0.5)
+    th.testing.assert_close(low, th.tensor(2.5))
+    th.testing.assert_close(high, th.tensor(47.5))
+    th.testing.assert_close(scale, th.tensor(45.0))
+    # A narrow spread gives a scale of at least 1.
+    low.zero_(), high.zero_()
+    assert update_return_percentiles(th.zeros(10), low, high).item() == 1.0

@@ -1,0 +1,180 @@
+"""save/load, set_env, get/set_parameters, policy save/load (mirrors SB3's and sb3-contrib's test_save_load)."""
+
+from __future__ import annotations
+
+import io
+from collections import OrderedDict
+from copy import deepcopy
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch as th
+from stable_baselines3.common.env_util import make_vec_env
+
+from sb3_dreamer import Dreamer, DreamerPolicy
+
+from .helpers import assert_state_dicts_equal, make_model, predict_sequence, time_limited
+
+ENV_IDS = ["CartPole-v1", "Pendulum-v1"]
+
+
+@pytest.fixture(scope="module", params=ENV_IDS)
+def trained(request, tmp_path_factory):
+    """A tiny model trained for 100 steps (a dozen updates) and saved; shared by the tests of this module."""
+    model = make_model(request.param, seed=0)
+    model.learn(100)
+    path = tmp_path_factory.mktemp("save") / "dreamer.zip"
+    model.save(path)
+    return model, path
+
+
+def observations(model: Dreamer, n: int = 8, seed: int = 0) -> list[np.ndarray]:
+    """A fixed list of batched observations of the model's observation space."""
+    space = deepcopy(model.observation_space)
+    space.seed(seed)
+    return [space.sample()[None] for _ in range(n)]
+
+
+def assert_same_predictions(a, b, obs: list[np.ndarray]) -> None:
+    """Deterministic predictions along ``obs`` carrying the state, then from the same explicit state."""
+    actions_a, state_a = predict_sequence(a, obs)
+    actions_b, state_b = predict_sequence(b, obs)
+    for x, y in zip(actions_a, actions_b):
+        np.testing.assert_allclose(x, y, atol=1e-4)
+    for x, y in zip(state_a, state_b):
+        np.testing.assert_allclose(x, y, atol=1e-4)
+    np.testing.assert_allclose(
+        a.predict(obs[0], state=state_a, deterministic=True)[0], b.predict(obs[0], state=state_a, deterministic=True)[0]
+    )
+
+
+def test_save_load(trained):
+    model, path = trained
+    loaded = Dreamer.load(path, env=make_vec_env(model.env.envs[0].spec.id), device="cpu")
+    assert_state_dicts_equal(loaded.policy.state_dict(), model.policy.state_dict())
+    assert_same_predictions(model, loaded, observations(model))
+    assert loaded.num_timesteps == model.num_timesteps == 100
+    assert loaded._n_updates == model._n_updates > 0
+    assert loaded.policy_kwargs == model.policy_kwargs
+    assert loaded.replay_buffer.size() == 0  # the replay buffer is saved separately
+    # Training state: the optimiser's moments and the return-percentile EMAs come back.
+    assert model.policy.optimizer.state_dict()["state"], "no optimiser state to compare"
+    assert_state_dicts_equal(loaded.policy.optimizer.state_dict(), model.policy.optimizer.state_dict())
+    assert model.policy.return_high.item() != 0.0
+    assert loaded.policy.return_low.item() == model.policy.return_low.item()
+    assert loaded.policy.return_high.item() == model.policy.return_high.item()
+    # ... and training goes on.
+    loaded.learn(60, reset_num_timesteps=False)
+    assert loaded.num_timesteps == 160 and loaded._n_updates > model._n_updates
+
+
+def test_load_without_env_predicts(trained):
+    model, path = trained
+    loaded = Dreamer.load(path)
+    assert loaded.get_env() is None
+    assert_same_predictions(model, loaded, observations(model))
+
+
+def test_load_with_more_envs_then_learn(trained):
+    model, path = trained
+    env_id = model.env.envs[0].spec.id
+    loaded = Dreamer.load(path, env=make_vec_env(time_limited(env_id, 20), n_envs=2))
+    assert loaded.n_envs == 2 and loaded.replay_buffer.n_envs == 2
+    loaded.learn(40, reset_num_timesteps=False)
+    assert loaded.num_timesteps == 140 and loaded._n_updates > model._n_updates
+
+
+def test_load_force_reset(trained):
+    model, path = trained
+    env = make_vec_env(model.env.envs[0].spec.id)
+    assert Dreamer.load(path, env=env)._last_obs is None
+    kept = Dreamer.load(path, env=env, force_reset=False)
+    np.testing.assert_array_equal(kept._last_obs, model._last_obs)
+
+
+def test_set_env():
+    model = make_model("CartPole-v1", learning_starts=40)
+    model.learn(64)
+    model.set_env(make_vec_env("CartPole-v1"))
+    assert model._last_obs is None  # forced reset
+    model.learn(64)
+    assert model.num_timesteps == 64
+    model.set_env(gym.make("CartPole-v1"))
+    model.learn(64, reset_num_timesteps=False)
+    assert model.num_timesteps == 128
+    with pytest.raises(AssertionError):
+        model.set_env(make_vec_env("CartPole-v1", n_envs=2))
+
+
+def test_get_parameters_names():
+    params = make_model("CartPole-v1").get_parameters()
+    assert set(params) == {"policy", "policy.optimizer"}
+    # SB3's tests randomise every state dict whose name lacks "optim": all policy entries must be float tensors.
+    assert all(isinstance(v, th.Tensor) and v.is_floating_point() for v in params["policy"].values())
+
+
+def test_set_parameters_errors_and_values():
+    model = make_model("CartPole-v1", learning_starts=40)
+    model.learn(64)
+    original = deepcopy(model.get_parameters())  # state_dict() tensors share storage with the model
+
+    with pytest.raises(ValueError):  # bogus key
+        model.set_parameters({"I should not be here": {"a": 1}}, exact_match=False)
+    with pytest.raises(ValueError):  # missing object
+        model.set_parameters({k: v for k, v in list(original.items())[:-1]}, exact_match=True)
+    missing_tensor = {name: OrderedDict(list(sd.items())[:-1]) for name, sd in original.items()}
+    with pytest.raises(RuntimeError):  # missing tensor
+        model.set_parameters(missing_tensor, exact_match=True)
+
+    random_params = {
+        name: sd if "optim" in name else OrderedDict((k, th.rand_like(v)) for k, v in sd.items())
+        for name, sd in original.items()
+    }
+    model.set_parameters(random_params, exact_match=True)
+    for key, value in model.get_parameters()["policy"].items():
+        assert th.equal(value, random_params["policy"][key])
+        assert not th.equal(value, original["policy"][key]), key
+    model.learn(16, reset_num_timesteps=False)
+
+
+def test_save_exclude_include(tmp_path):
+    model = make_model("CartPole-v1", verbose=2, learning_starts=7)
+    path = tmp_path / "dreamer.zip"
+    model.save(path, exclude=["verbose", "learning_starts"])
+    loaded = Dreamer.load(path)
+    assert loaded.verbose != 2 and loaded.learning_starts != 7
+    model.save(path, exclude=["verbose"], include=["verbose"])
+    assert Dreamer.load(path).verbose == 2
+
+
+def test_save_to_file_object():
+    model = make_model("CartPole-v1")
+    buffer = io.BytesIO()
+    model.save(buffer)
+    buffer.seek(0)
+    loaded = Dreamer.load(buffer)
+    assert_state_dicts_equal(loaded.policy.state_dict(), model.policy.state_dict())
+
+
+def test_policy_save_load(trained, tmp_path):
+    model, _ = trained
+    path = tmp_path / "policy.pkl"
+    model.policy.save(path)
+    policy = DreamerPolicy.load(path)
+    assert_state_dicts_equal(policy.state_dict(), model.policy.state_dict())
+    obs = observations(model)
+    actions_model, state_model = predict_sequence(model, obs)
+    actions_policy, state_policy = predict_sequence(policy, obs)
+    for x, y in zip(actions_model, actions_policy):
+        np.testing.assert_array_equal(x, y)
+    for x, y in zip(state_model, state_policy):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_load_does_not_reset_counters(trained):
+    model, path = trained
+    loaded = Dreamer.load(path)
+    assert loaded._episode_num == model._episode_num
+    assert loaded._update_credit == pytest.approx(model._update_credit)
+    assert loaded.seed == model.seed == 0
