@@ -30,14 +30,25 @@ def run_one(env_id: str, seed: int, steps: int, out: Path, kwargs: dict, eval_fr
     """Train one seed with evaluations; returns and writes the result record."""
     start = time.perf_counter()
     import torch as th
-    from stable_baselines3.common.callbacks import EvalCallback
+    from stable_baselines3.common.callbacks import BaseCallback, EvalCallback
     from stable_baselines3.common.env_util import make_vec_env
 
     from sb3_dreamer import Dreamer
 
     model = Dreamer("MlpLatentPolicy", env_id, seed=seed, **kwargs)
     eval_env = make_vec_env(env_id, n_envs=1, seed=seed + 10_000)
-    callback = EvalCallback(eval_env, eval_freq=eval_freq, n_eval_episodes=eval_episodes, deterministic=True, verbose=1)
+    clock: list[float] = []
+
+    class WallClock(BaseCallback):
+        """Seconds since the process started, at each evaluation (called by EvalCallback after it)."""
+
+        def _on_step(self) -> bool:
+            clock.append(time.perf_counter() - start)
+            return True
+
+    callback = EvalCallback(
+        eval_env, eval_freq=eval_freq, n_eval_episodes=eval_episodes, deterministic=True, verbose=1, callback_after_eval=WallClock()
+    )
     train_start = time.perf_counter()
     model.learn(steps, callback=callback)
     train_time = time.perf_counter() - train_start
@@ -48,6 +59,7 @@ def run_one(env_id: str, seed: int, steps: int, out: Path, kwargs: dict, eval_fr
         "kwargs": kwargs,
         "eval_timesteps": [int(t) for t in callback.evaluations_timesteps],
         "eval_returns": [float(np.mean(r)) for r in callback.evaluations_results],
+        "eval_wall_clock_s": clock,
         "wall_clock_s": time.perf_counter() - start,
         "n_updates": model._n_updates,
         "updates_per_s": model._n_updates / train_time,
@@ -58,32 +70,31 @@ def run_one(env_id: str, seed: int, steps: int, out: Path, kwargs: dict, eval_fr
     return record
 
 
-def steps_to_solve(record: dict, threshold: float) -> int | None:
-    for t, r in zip(record["eval_timesteps"], record["eval_returns"]):
-        if r >= threshold:
-            return t
-    return None
+def first_solved(record: dict, threshold: float) -> int | None:
+    """Index of the first evaluation at or above the threshold (None if never)."""
+    return next((i for i, r in enumerate(record["eval_returns"]) if r >= threshold), None)
 
 
 def table(records: list[dict]) -> str:
-    """Markdown table, one row per env."""
+    """Markdown table, one row per env; unsolved seeds count as infinitely slow for the medians."""
     lines = [
-        "| env (threshold) | steps to solve per seed | median | final eval return per seed | stays solved | wall-clock per run | updates/s |",
-        "|---|---|---|---|---|---|---|",
+        "| env (threshold) | env steps to solve, per seed | median | wall-clock to solve, median | "
+        "final eval return, per seed | stays solved | wall-clock per run | updates/s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for env_id in sorted({r["env"] for r in records}):
         runs = sorted((r for r in records if r["env"] == env_id), key=lambda r: r["seed"])
         thr = THRESHOLDS.get(env_id, float("inf"))
-        solved = [steps_to_solve(r, thr) for r in runs]
-        fmt = lambda s: "-" if s is None else f"{s / 1000:g}k"  # noqa: E731
-        # Unsolved seeds count as infinitely slow for the median.
-        median = np.median([np.inf if s is None else s for s in solved])
-        stays = [s is not None and min(x for t, x in zip(r["eval_timesteps"], r["eval_returns"]) if t >= s) >= thr
-                 for r, s in zip(runs, solved)]  # fmt: skip
-        finals = ", ".join(f"{r['eval_returns'][-1]:.0f}" if r["eval_returns"] else "-" for r in runs)
+        first = [first_solved(r, thr) for r in runs]
+        steps = [np.inf if i is None else r["eval_timesteps"][i] for r, i in zip(runs, first)]
+        clock = [np.inf if i is None else r["eval_wall_clock_s"][i] for r, i in zip(runs, first)]
+        stays = sum(i is not None and min(r["eval_returns"][i:]) >= thr for r, i in zip(runs, first))
+        k = lambda s: "unsolved" if np.isinf(s) else f"{s / 1000:g}k"  # noqa: E731
+        finals = ", ".join(f"{r['eval_returns'][-1]:.0f}" for r in runs)
+        median_clock = np.median(clock)
         lines.append(
-            f"| {env_id} ({thr:g}) | {', '.join(fmt(s) for s in solved)} | {'unsolved' if np.isinf(median) else fmt(int(median))} "
-            f"| {finals} | {sum(stays)}/{len(runs)} "
+            f"| {env_id} ({thr:g}) | {', '.join(k(s) for s in steps)} | {k(np.median(steps))} "
+            f"| {'unsolved' if np.isinf(median_clock) else f'{median_clock:.0f} s'} | {finals} | {stays}/{len(runs)} "
             f"| {np.median([r['wall_clock_s'] for r in runs]):.0f} s for {runs[0]['steps'] // 1000}k steps "
             f"| {np.median([r['updates_per_s'] for r in runs]):.1f} |"
         )

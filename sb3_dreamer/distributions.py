@@ -23,9 +23,11 @@ class OneHotCategorical:
         self.log_probs = F.log_softmax(logits, dim=-1)
 
     def sample(self) -> th.Tensor:
+        """One-hot sample with a straight-through gradient (that of the probabilities)."""
         uniform = th.rand_like(self.log_probs).clamp_(1e-20, 1.0)
         index = (self.log_probs - th.log(-th.log(uniform))).argmax(-1)
-        return F.one_hot(index, self.log_probs.shape[-1]).to(self.log_probs.dtype)
+        probs = self.log_probs.exp()
+        return F.one_hot(index, self.log_probs.shape[-1]).to(probs.dtype) + probs - probs.detach()
 
     def mode(self) -> th.Tensor:
         return F.one_hot(self.log_probs.argmax(-1), self.log_probs.shape[-1]).to(self.log_probs.dtype)
@@ -46,6 +48,7 @@ class BoundedNormal:
         self.std = (max_std - min_std) * th.sigmoid(std + 2.0) + min_std
 
     def sample(self) -> th.Tensor:
+        """Reparameterised sample: differentiable with respect to mean and std."""
         return self.mean + self.std * th.randn_like(self.mean)
 
     def mode(self) -> th.Tensor:

@@ -29,7 +29,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from sb3_dreamer.buffers import SequenceReplayBuffer
 from sb3_dreamer.functional import lambda_return
 from sb3_dreamer.networks.actor_critic import actor_loss, critic_loss, update_return_percentiles
-from sb3_dreamer.policies import DreamerPolicy, MlpLatentPolicy
+from sb3_dreamer.policies import DreamerPolicy, MlpLatentPolicy, frozen
 from sb3_dreamer.type_aliases import LatentState, SequenceSamples
 
 SelfDreamer = TypeVar("SelfDreamer", bound="Dreamer")
@@ -67,6 +67,10 @@ class Dreamer(BaseAlgorithm):
         actor-critic's cost grows with this number, the world model's does not.
     :param gamma: discount, learned into the continue head (DreamerV3: 1 - 1/333)
     :param return_lambda: lambda of the lambda-returns
+    :param actor_gradient: how the actor learns from imagined returns: "reinforce" (DreamerV3 2024,
+        log-prob times advantage), "dynamics" (backpropagate the returns through the world model,
+        DreamerV1 and DreamerV3 2023 for continuous actions), or "auto": "dynamics" for Box actions,
+        "reinforce" for Discrete ones
     :param entropy_coef: actor entropy bonus
     :param critic_ema_rate: rate of the slow critic's EMA towards the critic, per update
     :param replay_value_scale: weight of the critic loss on real replayed sequences
@@ -101,6 +105,7 @@ class Dreamer(BaseAlgorithm):
         imagination_starts: int | None = None,
         gamma: float = 1.0 - 1.0 / 333.0,
         return_lambda: float = 0.95,
+        actor_gradient: str = "auto",
         entropy_coef: float = 3e-4,
         critic_ema_rate: float = 0.02,
         replay_value_scale: float = 0.3,
@@ -142,6 +147,9 @@ class Dreamer(BaseAlgorithm):
         self.imagination_starts = imagination_starts
         self.gamma = gamma
         self.return_lambda = return_lambda
+        if actor_gradient not in ("auto", "reinforce", "dynamics"):
+            raise ValueError(f"actor_gradient must be 'auto', 'reinforce' or 'dynamics', got {actor_gradient!r}")
+        self.actor_gradient = actor_gradient
         self.entropy_coef = entropy_coef
         self.critic_ema_rate = critic_ema_rate
         self.replay_value_scale = replay_value_scale
@@ -157,6 +165,13 @@ class Dreamer(BaseAlgorithm):
     def updates_per_step(self) -> float:
         """Gradient updates per env step: ``train_ratio / (batch_size * sequence_length)``."""
         return self.train_ratio / (self.batch_size * self.sequence_length)
+
+    @property
+    def backprop_actor(self) -> bool:
+        """Whether the actor learns by backpropagation through the dynamics (see ``actor_gradient``)."""
+        if self.actor_gradient == "auto":
+            return isinstance(self.action_space, spaces.Box)
+        return self.actor_gradient == "dynamics"
 
     def _setup_model(self) -> None:
         self._setup_lr_schedule()
@@ -317,18 +332,33 @@ class Dreamer(BaseAlgorithm):
         if self.imagination_starts is not None and self.imagination_starts < batch * steps:
             starts = th.randperm(batch * steps, device=deter.device)[: self.imagination_starts]
             deter, stoch = deter[starts], stoch[starts]
-        traj = policy.imagine(deter, stoch, self.imagination_horizon)
+        if self.backprop_actor:
+            # 3a. Actor: maximise the lambda-returns, differentiated through dynamics, heads and critic.
+            with frozen(wm, critic):
+                traj = policy.imagine(deter, stoch, self.imagination_horizon, backprop=True)
+                reward, cont = wm.reward(traj.feat), wm.cont(traj.feat)
+                returns = lambda_return(reward, cont, critic.value(critic(traj.feat)), self.return_lambda)  # [N, H]
+            weight = th.cumprod(cont.detach(), 1)[:, :-1]
+            scale = update_return_percentiles(returns, policy.return_low, policy.return_high)
+            policy_loss = -(weight * (returns / scale + self.entropy_coef * traj.entropy[:, :-1])).mean()
+            traj = traj._replace(feat=traj.feat.detach())
+            reward, cont, returns = reward.detach(), cont.detach(), returns.detach()
+            value_logits = critic(traj.feat)
+        else:
+            traj = policy.imagine(deter, stoch, self.imagination_horizon)
+            with th.no_grad():
+                reward, cont = wm.reward(traj.feat), wm.cont(traj.feat)
+                weight = th.cumprod(cont, 1)[:, :-1]  # probability of still being in the episode
+            value_logits = critic(traj.feat)
+            value = critic.value(value_logits)
+            returns = lambda_return(reward, cont, value.detach(), self.return_lambda)  # [N, H]
+            # 3a. Actor: REINFORCE with the percentile-normalised advantage.
+            scale = update_return_percentiles(returns, policy.return_low, policy.return_high)
+            advantage = (returns - value[:, :-1]) / scale
+            policy_loss = actor_loss(traj.log_prob[:, :-1], traj.entropy[:, :-1], advantage, weight, self.entropy_coef).mean()
+        # 3b. Critic on the imagined trajectories, regularised towards its slow copy.
         with th.no_grad():
-            reward, cont = wm.reward(traj.feat), wm.cont(traj.feat)
             slow_value = critic.value(policy.critic_slow(traj.feat))
-            weight = th.cumprod(cont, 1)[:, :-1]  # probability of still being in the episode
-        value_logits = critic(traj.feat)
-        value = critic.value(value_logits)
-        returns = lambda_return(reward, cont, value.detach(), self.return_lambda)  # [N, H]
-        # 3. Actor-critic on the imagined trajectories.
-        scale = update_return_percentiles(returns, policy.return_low, policy.return_high)
-        advantage = (returns - value[:, :-1]) / scale
-        policy_loss = actor_loss(traj.log_prob[:, :-1], traj.entropy[:, :-1], advantage, weight, self.entropy_coef).mean()
         value_loss = (weight * critic_loss(critic, value_logits[:, :-1], returns, slow_value[:, :-1])).mean()
         # 4. Replay value loss: the critic on real sequences, bootstrapped by the imagined returns
         #    (by the critic's own value at states imagination did not start from).

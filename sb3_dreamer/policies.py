@@ -7,6 +7,8 @@ numpy arrays; ``None`` means a fresh state sized from the batch; ``episode_start
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -213,11 +215,15 @@ class DreamerPolicy(BasePolicy):
         return self._predict(obs, deterministic)
 
     # ------------------------------------------------------------------------------ imagination
-    def imagine(self, deter: th.Tensor, stoch: th.Tensor, horizon: int) -> Trajectory:
+    def imagine(self, deter: th.Tensor, stoch: th.Tensor, horizon: int, backprop: bool = False) -> Trajectory:
         """Roll the prior forward ``horizon`` steps from N start states, acting with the actor.
 
-        The dynamics run without gradient (REINFORCE needs none); the actor's log-probs and entropies
-        keep theirs. :param deter: [N, D] :param stoch: [N, S*K] :return: a :class:`Trajectory`
+        With ``backprop=False`` (REINFORCE) the dynamics run without gradient and only the actor's
+        log-probs and entropies keep theirs. With ``backprop=True`` actions are reparameterised samples
+        and the features carry gradients through the dynamics back to the actor; the caller freezes
+        the world model's parameters (:func:`frozen`) so that only the actor learns from it.
+
+        :param deter: [N, D] :param stoch: [N, S*K] :return: a :class:`Trajectory`
         """
         rssm = self.world_model.rssm
         feats, actions, log_probs, entropies = [], [], [], []
@@ -225,16 +231,29 @@ class DreamerPolicy(BasePolicy):
         for t in range(horizon + 1):
             feat = th.cat([deter, stoch], -1)
             dist = self.actor(feat)
-            action = dist.sample().detach()
+            action = dist.sample() if backprop else dist.sample().detach()
             feats.append(feat)
             actions.append(action)
-            log_probs.append(dist.log_prob(action))
+            log_probs.append(dist.log_prob(action.detach()))
             entropies.append(dist.entropy())
             if t < horizon:
-                with th.no_grad():
+                with th.set_grad_enabled(backprop and th.is_grad_enabled()):
                     deter, stoch = rssm.img_step(deter, stoch, action)
         stack = lambda xs: th.stack(xs, 1)  # noqa: E731
         return Trajectory(stack(feats), stack(actions), stack(log_probs), stack(entropies))
+
+
+@contextmanager
+def frozen(*modules: th.nn.Module) -> Iterator[None]:
+    """Operations inside record no gradient for the modules' parameters (gradients still flow through them)."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 class MlpLatentPolicy(DreamerPolicy):
