@@ -3,7 +3,7 @@
 The algorithm orchestrates: it collects env steps while carrying the policy's latent state, writes
 them to a :class:`~sb3_dreamer.buffers.SequenceReplayBuffer`, and runs ``train_ratio / (batch_size *
 sequence_length)`` gradient updates per env step, each one (1) a world-model step on a replayed
-batch, (2) imagination from every posterior state, (3) an actor-critic step on the imagined
+batch, (2) imagination from its posterior states, (3) an actor-critic step on the imagined
 trajectories and a replay value step on the real ones. The math lives in the modules.
 """
 
@@ -58,7 +58,7 @@ class Dreamer(BaseAlgorithm):
     :param batch_size: sequences per batch (B)
     :param sequence_length: steps per replayed sequence (T)
     :param train_ratio: replayed steps per env step. Gradient updates per env step are
-        ``train_ratio / (batch_size * sequence_length)``: with the defaults 512 / (16 * 64) = 0.5,
+        ``train_ratio / (batch_size * sequence_length)``: with the defaults 256 / (16 * 32) = 0.5,
         one update every two env steps (counted over all envs). DreamerV3's presets: 32 (default),
         256 (Atari100k), 1024 (proprioceptive control). The realised value is logged as ``train/replay_ratio``.
     :param imagination_horizon: imagined steps from each start state (H)
@@ -95,14 +95,14 @@ class Dreamer(BaseAlgorithm):
         self,
         policy: str | type[DreamerPolicy],
         env: GymEnv | str | None,
-        learning_rate: float | Schedule = 1e-4,
+        learning_rate: float | Schedule = 3e-4,
         buffer_size: int = 1_000_000,
         learning_starts: int = 1000,
         batch_size: int = 16,
-        sequence_length: int = 64,
-        train_ratio: float = 512.0,
+        sequence_length: int = 32,
+        train_ratio: float = 256.0,
         imagination_horizon: int = 15,
-        imagination_starts: int | None = None,
+        imagination_starts: int | None = 256,
         gamma: float = 1.0 - 1.0 / 333.0,
         return_lambda: float = 0.95,
         actor_gradient: str = "auto",

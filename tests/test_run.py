@@ -5,6 +5,7 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.envs import (
@@ -31,6 +32,25 @@ def test_smoke_learn(env_id):
     # train_ratio / (batch_size * sequence_length) = 4 / 16 updates per env step after learning_starts.
     expected = (100 - model.learning_starts) * model.updates_per_step
     assert abs(model._n_updates - expected) <= 1
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+@pytest.mark.parametrize("actor_gradient", ["reinforce", "dynamics"])
+@pytest.mark.parametrize("imagination_starts", [None, 5])
+def test_actor_gradient_and_imagination_starts(env_id, actor_gradient, imagination_starts):
+    model = make_model(env_id, seed=0, actor_gradient=actor_gradient, imagination_starts=imagination_starts)
+    actor_before = [p.detach().clone() for p in model.policy.actor.parameters()]
+    model.learn(100)
+    assert model.backprop_actor == (actor_gradient == "dynamics")
+    assert all(np.isfinite(p.detach().numpy()).all() for p in model.policy.parameters())
+    assert any(not th.equal(a, b) for a, b in zip(actor_before, model.policy.actor.parameters()))
+
+
+def test_actor_gradient_auto_follows_the_action_space():
+    assert make_model("Pendulum-v1").backprop_actor
+    assert not make_model("CartPole-v1").backprop_actor
+    with pytest.raises(ValueError, match="actor_gradient"):
+        make_model("CartPole-v1", actor_gradient="backprop")
 
 
 def test_smoke_learn_matrix_spaces():
