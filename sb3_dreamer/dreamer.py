@@ -97,7 +97,7 @@ class Dreamer(BaseAlgorithm):
         env: GymEnv | str | None,
         learning_rate: float | Schedule = 3e-4,
         buffer_size: int = 1_000_000,
-        learning_starts: int = 1000,
+        learning_starts: int = 500,
         batch_size: int = 16,
         sequence_length: int = 32,
         train_ratio: float = 256.0,

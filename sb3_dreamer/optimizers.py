@@ -27,7 +27,8 @@ class LaProp(th.optim.Optimizer):
     :param eps: added to the RMS denominator
     :param agc: adaptive gradient clipping ratio (0 disables clipping)
     :param agc_pmin: lower bound of the parameter norm in the clipping ratio
-    :param warmup: number of steps over which the learning rate ramps linearly from 0
+    :param warmup: number of steps over which the learning rate ramps linearly from 0 (DreamerV3: 1000;
+        100 here, measured: 1000 updates span 2,000 env steps at our default update rate)
     """
 
     def __init__(
@@ -38,7 +39,7 @@ class LaProp(th.optim.Optimizer):
         eps: float = 1e-20,
         agc: float = 0.3,
         agc_pmin: float = 1e-3,
-        warmup: int = 1000,
+        warmup: int = 100,
     ) -> None:
         if lr < 0 or eps < 0 or agc < 0 or warmup < 0:
             raise ValueError(f"LaProp needs non-negative lr, eps, agc and warmup, got {lr}, {eps}, {agc}, {warmup}")
