@@ -15,6 +15,12 @@ Time alignment (one row per env step, per env column)::
   of ``buffer_size // n_envs`` rows, allocated on the first ``add``.
 - Windows never cross a column's write position, may cross episode boundaries (the RSSM resets at
   ``is_first``), and start with ``is_first`` forced to True (each window starts from the zero state).
+- Replay context (``latent_dims`` given, DreamerV3 2024): each row also stores the posterior latent
+  (deter, stoch; float16) computed for it while acting, refreshed with the training posterior each
+  time the row is replayed (:meth:`update_latents`). A window then starts from the latent of the
+  row before it, as acting does, instead of from zeros; ``is_first`` is forced only on a window
+  that starts at a column's oldest row. Without it, a model trained on T-step windows from zeros
+  meets long-running latents only when acting.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ class SequenceReplayBuffer:
     :param action_space: action space (actions are stored as vectors, see :func:`action_vector_dim`)
     :param device: device the sampled tensors are put on
     :param n_envs: number of env columns
+    :param latent_dims: (D, S*K) to store latents for replay context; None stores none
     """
 
     def __init__(
@@ -52,6 +59,7 @@ class SequenceReplayBuffer:
         action_space: spaces.Space,
         device: th.device | str = "auto",
         n_envs: int = 1,
+        latent_dims: tuple[int, int] | None = None,
     ) -> None:
         if buffer_size < n_envs:
             raise ValueError(f"buffer_size={buffer_size} must be at least n_envs={n_envs}")
@@ -61,6 +69,7 @@ class SequenceReplayBuffer:
         self.action_dim = action_vector_dim(action_space)
         self.device = get_device(device)
         self.n_envs = n_envs
+        self.latent_dims = tuple(latent_dims) if latent_dims is not None else None
         self.capacity = buffer_size // n_envs
         self.pos = np.zeros(n_envs, dtype=np.int64)  # next row to write, per column
         self.count = np.zeros(n_envs, dtype=np.int64)  # rows written, capped at capacity
@@ -74,12 +83,15 @@ class SequenceReplayBuffer:
         self.is_first = np.zeros(shape, dtype=bool)
         self.is_last = np.zeros(shape, dtype=bool)
         self.is_terminal = np.zeros(shape, dtype=bool)
+        if self.latent_dims is not None:
+            self.deter = np.zeros((*shape, self.latent_dims[0]), dtype=np.float16)
+            self.stoch = np.zeros((*shape, self.latent_dims[1]), dtype=np.float16)
         self._allocated = True
 
     @property
     def nbytes(self) -> int:
         """Memory the buffer uses (or will use once allocated), in bytes."""
-        per_row = 4 * (self.obs_dim + self.action_dim + 1) + 3
+        per_row = 4 * (self.obs_dim + self.action_dim + 1) + 3 + (2 * sum(self.latent_dims) if self.latent_dims else 0)
         return per_row * self.capacity * self.n_envs
 
     def size(self) -> int:
@@ -95,6 +107,8 @@ class SequenceReplayBuffer:
         is_last: np.ndarray,
         is_terminal: np.ndarray,
         env_indices: np.ndarray | None = None,
+        deter: np.ndarray | None = None,
+        stoch: np.ndarray | None = None,
     ) -> None:
         """Write one row in each of the given columns (all columns by default).
 
@@ -103,6 +117,7 @@ class SequenceReplayBuffer:
         :param reward: [n] reward that led to ``obs``
         :param is_first, is_last, is_terminal: [n] bool flags
         :param env_indices: [n] column of each row; None means columns 0..n_envs-1
+        :param deter, stoch: [n, D], [n, S*K] latents of the rows (replay context; zeros if omitted)
         """
         if not self._allocated:
             self._allocate()
@@ -114,6 +129,9 @@ class SequenceReplayBuffer:
         self.is_first[rows, cols] = is_first
         self.is_last[rows, cols] = is_last
         self.is_terminal[rows, cols] = is_terminal
+        if self.latent_dims is not None:
+            self.deter[rows, cols] = 0.0 if deter is None else deter
+            self.stoch[rows, cols] = 0.0 if stoch is None else stoch
         self.pos[cols] = (rows + 1) % self.capacity
         self.count[cols] = np.minimum(self.count[cols] + 1, self.capacity)
 
@@ -147,8 +165,20 @@ class SequenceReplayBuffer:
         rows = (oldest[:, None] + offset[:, None] + np.arange(sequence_length)) % self.capacity  # [B, T]
         cols = cols[:, None]
         is_first = self.is_first[rows, cols].copy()
-        is_first[:, 0] = True
         as_tensor = lambda x: th.as_tensor(x, dtype=th.float32, device=self.device)  # noqa: E731
+        context = {}
+        if self.latent_dims is None:
+            is_first[:, 0] = True
+        else:
+            has_context = offset > 0  # a row before the window exists in the column
+            is_first[:, 0] |= ~has_context
+            before, col = (rows[:, 0] - 1) % self.capacity, cols[:, 0]
+            keep = has_context[:, None].astype(np.float32)
+            context = dict(
+                context_deter=as_tensor(self.deter[before, col] * keep),
+                context_stoch=as_tensor(self.stoch[before, col] * keep),
+                context_action=as_tensor(self.actions[before, col] * keep),
+            )
         return SequenceSamples(
             observations=as_tensor(self.observations[rows, cols]),
             actions=as_tensor(self.actions[rows, cols]),
@@ -156,7 +186,17 @@ class SequenceReplayBuffer:
             is_first=as_tensor(is_first),
             is_last=as_tensor(self.is_last[rows, cols]),
             is_terminal=as_tensor(self.is_terminal[rows, cols]),
+            indices=(rows, cols),
+            **context,
         )
+
+    def update_latents(self, indices: tuple[np.ndarray, np.ndarray], deter: th.Tensor, stoch: th.Tensor) -> None:
+        """Write fresh posterior latents [B, T, D], [B, T, S*K] back to the sampled rows (replay context)."""
+        if self.latent_dims is None:
+            return
+        rows, cols = indices
+        self.deter[rows, cols] = deter.detach().cpu().numpy()
+        self.stoch[rows, cols] = stoch.detach().cpu().numpy()
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

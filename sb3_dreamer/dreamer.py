@@ -74,6 +74,9 @@ class Dreamer(BaseAlgorithm):
     :param entropy_coef: actor entropy bonus
     :param critic_ema_rate: rate of the slow critic's EMA towards the critic, per update
     :param replay_value_scale: weight of the critic loss on real replayed sequences
+    :param replay_context: store each step's latent in replay and start every replayed sequence from
+        the latent of the step before it (DreamerV3 2024) instead of from zeros; stored latents are
+        refreshed each time their rows are replayed. Costs (D + S*K) * 2 bytes per stored step.
     :param policy_kwargs: policy keyword arguments, e.g. ``dict(size="size12m")``
     :param replay_buffer_kwargs: extra :class:`SequenceReplayBuffer` keyword arguments
     :param stats_window_size: episodes averaged in the rollout logs
@@ -109,6 +112,7 @@ class Dreamer(BaseAlgorithm):
         entropy_coef: float = 3e-4,
         critic_ema_rate: float = 0.02,
         replay_value_scale: float = 0.3,
+        replay_context: bool = False,
         policy_kwargs: dict[str, Any] | None = None,
         replay_buffer_kwargs: dict[str, Any] | None = None,
         stats_window_size: int = 100,
@@ -153,6 +157,7 @@ class Dreamer(BaseAlgorithm):
         self.entropy_coef = entropy_coef
         self.critic_ema_rate = critic_ema_rate
         self.replay_value_scale = replay_value_scale
+        self.replay_context = replay_context
         self.replay_buffer_kwargs = replay_buffer_kwargs or {}
         self._update_credit = 0.0  # gradient updates owed to the env steps collected so far
         self._last_latent: LatentState | None = None
@@ -179,9 +184,10 @@ class Dreamer(BaseAlgorithm):
         self.policy = self.policy_class(  # type: ignore[assignment]
             self.observation_space, self.action_space, self.lr_schedule, **self.policy_kwargs
         ).to(self.device)
+        rssm = self.policy.world_model.rssm
         self.replay_buffer = SequenceReplayBuffer(
             self.buffer_size, self.observation_space, self.action_space, device=self.device, n_envs=self.n_envs,
-            **self.replay_buffer_kwargs,
+            latent_dims=(rssm.deter_dim, rssm.stoch_dim) if self.replay_context else None, **self.replay_buffer_kwargs,
         )  # fmt: skip
         self._last_latent = None
 
@@ -274,7 +280,7 @@ class Dreamer(BaseAlgorithm):
         if not callback.on_step():
             return False
         self._update_info_buffer(infos, dones)
-        self._store_transition(obs, action, starts, rewards, dones, infos)
+        self._store_transition(obs, action, starts, rewards, dones, infos, latent)
         self._last_obs, self._last_episode_starts, self._last_latent = new_obs, dones, latent  # type: ignore[assignment]
         self._update_current_progress_remaining(self.num_timesteps, self._total_timesteps)
         for done in dones:
@@ -286,14 +292,22 @@ class Dreamer(BaseAlgorithm):
         return True
 
     def _store_transition(
-        self, obs: np.ndarray, action: np.ndarray, starts: np.ndarray, rewards: np.ndarray, dones: np.ndarray, infos: list[dict]
+        self,
+        obs: np.ndarray,
+        action: np.ndarray,
+        starts: np.ndarray,
+        rewards: np.ndarray,
+        dones: np.ndarray,
+        infos: list[dict],
+        latent: LatentState,
     ) -> None:
         """Write the row of each env's current step, plus a final-observation row where an episode ended."""
         assert self._last_rewards is not None
         starts = np.asarray(starts, dtype=bool)
         false = np.zeros_like(starts)
+        context = dict(deter=latent.deter.cpu().numpy(), stoch=latent.stoch.cpu().numpy()) if self.replay_context else {}
         # Reward that led to obs: 0 right after a reset (also after a forced reset by _setup_learn).
-        self.replay_buffer.add(obs, action, np.where(starts, 0.0, self._last_rewards), starts, false, false)
+        self.replay_buffer.add(obs, action, np.where(starts, 0.0, self._last_rewards), starts, false, false, **context)
         ended = np.flatnonzero(dones)
         if len(ended):
             final_obs = np.stack([infos[i]["terminal_observation"] for i in ended])
@@ -325,7 +339,10 @@ class Dreamer(BaseAlgorithm):
         policy, wm, critic = self.policy, self.policy.world_model, self.policy.critic
         batch, steps = data.rewards.shape
         # 1. World model on the replayed batch.
-        wm_out = wm.loss(data.observations, data.prev_actions, data.rewards, data.is_first, data.is_terminal, self.gamma)
+        initial = None if data.context_deter is None else (data.context_deter, data.context_stoch)
+        wm_out = wm.loss(data.observations, data.prev_actions, data.rewards, data.is_first, data.is_terminal, self.gamma, initial)
+        if data.indices is not None:
+            self.replay_buffer.update_latents(data.indices, wm_out.deter, wm_out.stoch)
         # 2. Imagination from the posterior states (all of them, or a random subset).
         deter, stoch = wm_out.deter.flatten(0, 1), wm_out.stoch.flatten(0, 1)
         starts = None

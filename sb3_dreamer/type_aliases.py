@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch as th
 
 
@@ -17,7 +18,9 @@ class SequenceSamples(NamedTuple):
     """A batch of replayed windows, batch-major, on the training device.
 
     ``actions[:, t]`` was taken at ``observations[:, t]``; ``rewards[:, t]`` led to ``observations[:, t]``.
-    ``is_first[:, 0]`` is always 1: every window starts from the zero state.
+    Without replay context every window starts from the zero state (``is_first[:, 0]`` is 1). With
+    it, a window starts from the latent stored for the row before it (``context_*``), and
+    ``is_first[:, 0]`` is 1 only where there is no such row.
     """
 
     observations: th.Tensor  # [B, T, O] float
@@ -26,11 +29,16 @@ class SequenceSamples(NamedTuple):
     is_first: th.Tensor  # [B, T] float 0/1
     is_last: th.Tensor  # [B, T] float 0/1
     is_terminal: th.Tensor  # [B, T] float 0/1
+    context_deter: th.Tensor | None = None  # [B, D] latent of the row before the window
+    context_stoch: th.Tensor | None = None  # [B, S*K]
+    context_action: th.Tensor | None = None  # [B, A] action of the row before the window
+    indices: tuple[np.ndarray, np.ndarray] | None = None  # (rows [B, T], cols [B, 1]) in the buffer
 
     @property
     def prev_actions(self) -> th.Tensor:
-        """[B, T, A]: the action taken before each step, zero at t=0 (the RSSM zeroes it at is_first anyway)."""
-        return th.cat([th.zeros_like(self.actions[:, :1]), self.actions[:, :-1]], 1)
+        """[B, T, A]: the action taken before each step (the context action, or zero, at t=0)."""
+        first = self.context_action.unsqueeze(1) if self.context_action is not None else th.zeros_like(self.actions[:, :1])
+        return th.cat([first, self.actions[:, :-1]], 1)
 
 
 class LatentState(NamedTuple):

@@ -259,3 +259,49 @@ def test_load_replay_buffer_errors(tmp_path):
     save_to_pkl(tmp_path / "not_a_buffer.pkl", {"a": 1})
     with pytest.raises(TypeError, match="SequenceReplayBuffer"):
         model.load_replay_buffer(tmp_path / "not_a_buffer.pkl")
+
+
+# ------------------------------------------------------------------------------------ replay context
+def test_replay_context_starts_windows_from_the_stored_latent_of_the_row_before():
+    np.random.seed(0)
+    buffer = SequenceReplayBuffer(10, OBS_SPACE, ACTION_SPACE, device="cpu", latent_dims=(2, 3))
+    false = np.zeros(1, dtype=bool)
+    for value in range(6):  # row r holds obs r, latent (r, r) / (r, r, r), action one-hot of r % 2
+        action = np.eye(2, dtype=np.float32)[[value % 2]]
+        buffer.add([[value]], action, [value], false, false, false, deter=np.full((1, 2), value), stoch=np.full((1, 3), value))
+    samples = buffer.sample(batch_size=64, sequence_length=3)
+    first = samples.observations[:, 0, 0]
+    has_context = first > 0
+    # The row before a window: its latent and action become the window's starting carry.
+    th.testing.assert_close(samples.context_deter[:, 0], th.where(has_context, first - 1, th.zeros_like(first)))
+    th.testing.assert_close(samples.context_stoch[:, 2], th.where(has_context, first - 1, th.zeros_like(first)))
+    expected_action = th.nn.functional.one_hot(((first - 1) % 2).long(), 2).float() * has_context[:, None]
+    th.testing.assert_close(samples.context_action, expected_action)
+    th.testing.assert_close(samples.prev_actions[:, 0], expected_action)
+    # is_first is forced only where the window starts at the column's oldest row.
+    th.testing.assert_close(samples.is_first[:, 0], (~has_context).float())
+    assert has_context.any() and (~has_context).any()
+
+
+def test_replay_context_update_latents_writes_back():
+    np.random.seed(0)
+    buffer = SequenceReplayBuffer(10, OBS_SPACE, ACTION_SPACE, device="cpu", latent_dims=(2, 3))
+    add_rows(buffer, range(6))
+    samples = buffer.sample(batch_size=2, sequence_length=3)
+    buffer.update_latents(samples.indices, th.full((2, 3, 2), 7.0), th.full((2, 3, 3), 8.0))
+    rows, cols = samples.indices
+    assert (buffer.deter[rows, cols] == 7.0).all() and (buffer.stoch[rows, cols] == 8.0).all()
+    untouched = np.setdiff1d(np.arange(6), rows)
+    assert (buffer.deter[untouched, 0] == 0.0).all()
+
+
+def test_dreamer_with_replay_context_stores_and_uses_latents():
+    model = make_model("CartPole-v1", seed=0, replay_context=True)
+    model.learn(100)
+    buffer = model.replay_buffer
+    assert buffer.latent_dims == (model.policy.world_model.rssm.deter_dim, model.policy.world_model.rssm.stoch_dim)
+    written = buffer.deter[: buffer.count[0], 0]
+    assert np.abs(written).sum(-1).min() > 0 or buffer.is_last[: buffer.count[0], 0].any()
+    samples = buffer.sample(model.batch_size, model.sequence_length)
+    assert samples.context_deter is not None and samples.context_deter.shape == (model.batch_size, buffer.latent_dims[0])
+    assert make_model("CartPole-v1").replay_buffer.latent_dims is None

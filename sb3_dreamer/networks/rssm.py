@@ -146,17 +146,22 @@ class RSSM(nn.Module):
         return deter, sample_onehot(self.prior_logits(deter)).flatten(-2)
 
     def observe(
-        self, embed: th.Tensor, prev_action: th.Tensor, is_first: th.Tensor
+        self,
+        embed: th.Tensor,
+        prev_action: th.Tensor,
+        is_first: th.Tensor,
+        initial: tuple[th.Tensor, th.Tensor] | None = None,
     ) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
-        """Posterior states of a sequence from a zero initial state.
+        """Posterior states of a sequence.
 
         :param embed: [B, T, E]
         :param prev_action: [B, T, A], the action taken before step t (row t-1's action)
         :param is_first: [B, T] float 0/1
+        :param initial: (deter [B, D], stoch [B, S*K]) carried into step 0; None means zeros
         :return: deter [B, T, D], stoch [B, T, S*K], posterior log-probs [B, T, S, K]
         """
         batch, steps = embed.shape[:2]
-        deter, stoch = self.initial(batch, embed.device)
+        deter, stoch = self.initial(batch, embed.device) if initial is None else initial
         embed_proj = self.embed_projection(embed)
         deters, stochs, logits = [], [], []
         for t in range(steps):

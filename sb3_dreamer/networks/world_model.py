@@ -87,6 +87,7 @@ class WorldModel(nn.Module):
         is_first: th.Tensor,
         is_terminal: th.Tensor,
         gamma: float,
+        initial: tuple[th.Tensor, th.Tensor] | None = None,
     ) -> WorldModelOutput:
         """World-model loss of a replayed batch.
 
@@ -96,8 +97,9 @@ class WorldModel(nn.Module):
         :param is_first: [B, T] float, 1 on the first step of an episode
         :param is_terminal: [B, T] float, 1 on a terminal observation
         :param gamma: discount learned into the continue head
+        :param initial: (deter [B, D], stoch [B, S*K]) carried into step 0 (replay context); None: zeros
         """
-        deter, stoch, post = self.rssm.observe(self.embed(obs), prev_action, is_first)
+        deter, stoch, post = self.rssm.observe(self.embed(obs), prev_action, is_first, initial)
         prior = self.rssm.prior_logits(deter)
         feat = th.cat([deter, stoch], -1)
         rec = ((self.decoder(feat) - symlog(obs)) ** 2).sum(-1)
