@@ -37,17 +37,23 @@ def run_one(env_id: str, seed: int, steps: int, out: Path, kwargs: dict, eval_fr
 
     model = Dreamer("MlpLatentPolicy", env_id, seed=seed, **kwargs)
     eval_env = make_vec_env(env_id, n_envs=1, seed=seed + 10_000)
-    clock: list[float] = []
+    evaluations: list[tuple[int, float, float]] = []  # (env steps, mean return, seconds since start)
 
-    class WallClock(BaseCallback):
-        """Seconds since the process started, at each evaluation (called by EvalCallback after it)."""
+    class RecordEvaluation(BaseCallback):
+        """Called by EvalCallback after each evaluation: records its result and the wall-clock."""
 
         def _on_step(self) -> bool:
-            clock.append(time.perf_counter() - start)
+            assert self.parent is not None
+            evaluations.append((self.num_timesteps, float(self.parent.last_mean_reward), time.perf_counter() - start))
             return True
 
     callback = EvalCallback(
-        eval_env, eval_freq=eval_freq, n_eval_episodes=eval_episodes, deterministic=True, verbose=1, callback_after_eval=WallClock()
+        eval_env,
+        eval_freq=eval_freq,
+        n_eval_episodes=eval_episodes,
+        deterministic=True,
+        verbose=1,
+        callback_after_eval=RecordEvaluation(),
     )
     train_start = time.perf_counter()
     model.learn(steps, callback=callback)
@@ -57,9 +63,9 @@ def run_one(env_id: str, seed: int, steps: int, out: Path, kwargs: dict, eval_fr
         "seed": seed,
         "steps": steps,
         "kwargs": kwargs,
-        "eval_timesteps": [int(t) for t in callback.evaluations_timesteps],
-        "eval_returns": [float(np.mean(r)) for r in callback.evaluations_results],
-        "eval_wall_clock_s": clock,
+        "eval_timesteps": [t for t, _, _ in evaluations],
+        "eval_returns": [r for _, r, _ in evaluations],
+        "eval_wall_clock_s": [c for _, _, c in evaluations],
         "wall_clock_s": time.perf_counter() - start,
         "n_updates": model._n_updates,
         "updates_per_s": model._n_updates / train_time,
@@ -95,7 +101,7 @@ def table(records: list[dict]) -> str:
         lines.append(
             f"| {env_id} ({thr:g}) | {', '.join(k(s) for s in steps)} | {k(np.median(steps))} "
             f"| {'unsolved' if np.isinf(median_clock) else f'{median_clock:.0f} s'} | {finals} | {stays}/{len(runs)} "
-            f"| {np.median([r['wall_clock_s'] for r in runs]):.0f} s for {runs[0]['steps'] // 1000}k steps "
+            f"| {np.median([r['wall_clock_s'] for r in runs]):.0f} s for {runs[0]['steps'] / 1000:g}k steps "
             f"| {np.median([r['updates_per_s'] for r in runs]):.1f} |"
         )
     return "\n".join(lines)
