@@ -52,7 +52,7 @@ class LatentState(NamedTuple):
 class Trajectory(NamedTuple):
     """An imagined rollout of H steps from N start states (index 0 is the start)."""
 
-    feat: th.Tensor  # [N, H+1, F], no gradient
+    feat: th.Tensor  # [N, H+1, F], gradient into the actor only when imagined with backprop
     actions: th.Tensor  # [N, H+1, A]
     log_prob: th.Tensor  # [N, H+1], gradient into the actor
     entropy: th.Tensor  # [N, H+1], gradient into the actor

@@ -285,3 +285,17 @@ def test_return_percentiles_ema():
     # A narrow spread gives a scale of at least 1.
     low.zero_(), high.zero_()
     assert update_return_percentiles(th.zeros(10), low, high).item() == 1.0
+
+
+def test_frozen_passes_gradients_through_but_not_into_the_modules():
+    from sb3_dreamer.policies import frozen
+
+    model, other = th.nn.Linear(3, 2), th.nn.Linear(3, 3)
+    x = th.randn(4, 3, requires_grad=True)
+    with frozen(model):
+        y = model(other(x)).sum()
+    assert all(p.requires_grad for p in model.parameters())  # restored on exit
+    y.backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is not None for p in other.parameters())
+    assert x.grad is not None and x.grad.abs().sum() > 0
