@@ -341,7 +341,8 @@ class Dreamer(BaseAlgorithm):
         # 1. World model on the replayed batch.
         initial = None if data.context_deter is None else (data.context_deter, data.context_stoch)
         wm_out = wm.loss(data.observations, data.prev_actions, data.rewards, data.is_first, data.is_terminal, self.gamma, initial)
-        if data.indices is not None:
+        if self.replay_context:
+            assert data.indices is not None
             self.replay_buffer.update_latents(data.indices, wm_out.deter, wm_out.stoch)
         # 2. Imagination from the posterior states (all of them, or a random subset).
         deter, stoch = wm_out.deter.flatten(0, 1), wm_out.stoch.flatten(0, 1)
