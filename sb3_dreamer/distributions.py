@@ -25,9 +25,12 @@ class OneHotCategorical:
     def sample(self) -> th.Tensor:
         """One-hot sample with a straight-through gradient (that of the probabilities)."""
         uniform = th.rand_like(self.log_probs).clamp_(1e-20, 1.0)
-        index = (self.log_probs - th.log(-th.log(uniform))).argmax(-1)
+        perturbed = self.log_probs.detach() - th.log(-th.log(uniform))
+        onehot = (perturbed == perturbed.amax(-1, keepdim=True)).to(self.log_probs.dtype)  # Gumbel-max
+        if not self.log_probs.requires_grad:
+            return onehot
         probs = self.log_probs.exp()
-        return F.one_hot(index, self.log_probs.shape[-1]).to(probs.dtype) + probs - probs.detach()
+        return onehot + probs - probs.detach()
 
     def mode(self) -> th.Tensor:
         return F.one_hot(self.log_probs.argmax(-1), self.log_probs.shape[-1]).to(self.log_probs.dtype)

@@ -27,8 +27,11 @@ from stable_baselines3.common.utils import safe_mean
 from stable_baselines3.common.vec_env import VecEnv
 
 from sb3_dreamer.buffers import SequenceReplayBuffer
+from sb3_dreamer.cuda_graph import CapturedUpdate
 from sb3_dreamer.functional import lambda_return
 from sb3_dreamer.networks.actor_critic import actor_loss, critic_loss, update_return_percentiles
+from sb3_dreamer.networks.world_model import WorldModelOutput
+from sb3_dreamer.optimizers import LaProp
 from sb3_dreamer.policies import DreamerPolicy, MlpLatentPolicy, frozen
 from sb3_dreamer.type_aliases import LatentState, SequenceSamples
 
@@ -77,6 +80,12 @@ class Dreamer(BaseAlgorithm):
     :param replay_context: store each step's latent in replay and start every replayed sequence from
         the latent of the step before it (DreamerV3 2024) instead of from zeros; stored latents are
         refreshed each time their rows are replayed. Costs (D + S*K) * 2 bytes per stored step.
+    :param cuda_graph: capture the whole gradient update in a CUDA graph and replay it for every
+        batch (:mod:`sb3_dreamer.cuda_graph`); None: on for CUDA devices, off otherwise. Needs the
+        default optimiser (LaProp).
+    :param precision: "float32", "bfloat16" (autocast: matrix products in bfloat16, softmaxes, losses,
+        two-hot, KL and percentiles in float32) or "auto": bfloat16 on CUDA devices that support it,
+        float32 otherwise
     :param policy_kwargs: policy keyword arguments, e.g. ``dict(size="size12m")``
     :param replay_buffer_kwargs: extra :class:`SequenceReplayBuffer` keyword arguments
     :param stats_window_size: episodes averaged in the rollout logs
@@ -113,6 +122,8 @@ class Dreamer(BaseAlgorithm):
         critic_ema_rate: float = 0.02,
         replay_value_scale: float = 0.3,
         replay_context: bool = False,
+        cuda_graph: bool | None = None,
+        precision: str = "auto",
         policy_kwargs: dict[str, Any] | None = None,
         replay_buffer_kwargs: dict[str, Any] | None = None,
         stats_window_size: int = 100,
@@ -158,6 +169,11 @@ class Dreamer(BaseAlgorithm):
         self.critic_ema_rate = critic_ema_rate
         self.replay_value_scale = replay_value_scale
         self.replay_context = replay_context
+        if precision not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"precision must be 'auto', 'float32' or 'bfloat16', got {precision!r}")
+        self.cuda_graph = cuda_graph
+        self.precision = precision
+        self._captured_update: CapturedUpdate | None = None
         self.replay_buffer_kwargs = replay_buffer_kwargs or {}
         self._update_credit = 0.0  # gradient updates owed to the env steps collected so far
         self._last_latent: LatentState | None = None
@@ -190,9 +206,51 @@ class Dreamer(BaseAlgorithm):
             latent_dims=(rssm.deter_dim, rssm.stoch_dim) if self.replay_context else None, **self.replay_buffer_kwargs,
         )  # fmt: skip
         self._last_latent = None
+        self._captured_update = None
+        if self.cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs a CUDA device, got device={self.device}; pass cuda_graph=None or False")
+        if self.cuda_graph and not isinstance(self.policy.optimizer, LaProp):
+            raise ValueError(
+                f"cuda_graph=True needs the default optimiser LaProp (step count and learning rate on the device), "
+                f"got {type(self.policy.optimizer).__name__}; pass cuda_graph=False"
+            )
+        if self.precision == "bfloat16" and self.device.type == "cuda" and not th.cuda.is_bf16_supported():
+            raise ValueError(f"precision='bfloat16' is not supported by {th.cuda.get_device_name(self.device)}; use 'float32'")
+
+    @property
+    def uses_cuda_graph(self) -> bool:
+        """Whether updates replay a captured CUDA graph (``cuda_graph``, resolved for the device)."""
+        if self.cuda_graph is None:
+            return self.device.type == "cuda" and isinstance(self.policy.optimizer, LaProp)
+        return self.cuda_graph
+
+    @property
+    def autocast_dtype(self) -> th.dtype | None:
+        """bfloat16 when the update runs under autocast (``precision``, resolved for the device), else None."""
+        if self.precision == "bfloat16" or (
+            self.precision == "auto" and self.device.type == "cuda" and th.cuda.is_bf16_supported()
+        ):
+            return th.bfloat16
+        return None
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "_last_latent"]
+        return [*super()._excluded_save_params(), "_last_latent", "_captured_update"]
+
+    def set_parameters(self, *args, **kwargs) -> None:  # type: ignore[override]
+        """SB3's ``set_parameters``; a captured update holds the old optimiser state, so it is dropped."""
+        super().set_parameters(*args, **kwargs)
+        self._captured_update = None
+
+    def _update_learning_rate(self, optimizers: list[th.optim.Optimizer] | th.optim.Optimizer) -> None:
+        """Set the scheduled learning rate, in place where it is a device tensor (a captured update reads it)."""
+        lr = self.lr_schedule(self._current_progress_remaining)
+        self.logger.record("train/learning_rate", lr)
+        for optimizer in optimizers if isinstance(optimizers, list) else [optimizers]:
+            for group in optimizer.param_groups:
+                if isinstance(group["lr"], th.Tensor):
+                    group["lr"].fill_(lr)
+                else:
+                    group["lr"] = lr
 
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
         return ["policy", "policy.optimizer"], []
@@ -335,20 +393,50 @@ class Dreamer(BaseAlgorithm):
         self.logger.record("train/replay_ratio", self._n_updates * self.batch_size * self.sequence_length / steps_since_start)
 
     def train_step(self, data: SequenceSamples) -> dict[str, th.Tensor]:
-        """One gradient update: world model, imagination, actor-critic, replay value. Returns detached metrics."""
+        """One gradient update (eager, or replayed from a CUDA graph): returns detached 0-d metrics."""
+        if self.uses_cuda_graph:
+            if self._captured_update is None:
+                self._captured_update = CapturedUpdate(self._update, self.policy, self.policy.optimizer)
+            metrics, deter, stoch = self._captured_update(data)
+        else:
+            metrics, deter, stoch = self._update(data)
+        if self.replay_context:
+            assert data.indices is not None
+            self.replay_buffer.update_latents(data.indices, deter, stoch)
+        return metrics
+
+    def _update(self, data: SequenceSamples) -> tuple[dict[str, th.Tensor], th.Tensor, th.Tensor]:
+        """World model, imagination, actor-critic, replay value and one optimiser step.
+
+        Capturable in a CUDA graph: no host syncs, no data-dependent branches.
+
+        :return: detached 0-d metrics, posterior deter [B, T, D] and stoch [B, T, S*K]
+        """
+        dtype = self.autocast_dtype
+        with th.autocast(self.device.type, dtype=dtype or th.float32, enabled=dtype is not None, cache_enabled=False):
+            loss, metrics, wm_out = self._losses(data)
+        policy = self.policy
+        policy.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        policy.optimizer.step()
+        with th.no_grad():
+            slow, fast = list(policy.critic_slow.parameters()), list(policy.critic.parameters())
+            th._foreach_lerp_(slow, fast, self.critic_ema_rate)
+        return metrics, wm_out.deter.detach(), wm_out.stoch.detach()
+
+    def _losses(self, data: SequenceSamples) -> tuple[th.Tensor, dict[str, th.Tensor], WorldModelOutput]:
+        """The total loss of one update, its detached terms, and the world model's output."""
         policy, wm, critic = self.policy, self.policy.world_model, self.policy.critic
         batch, steps = data.rewards.shape
         # 1. World model on the replayed batch.
         initial = None if data.context_deter is None else (data.context_deter, data.context_stoch)
         wm_out = wm.loss(data.observations, data.prev_actions, data.rewards, data.is_first, data.is_terminal, self.gamma, initial)
-        if self.replay_context:
-            assert data.indices is not None
-            self.replay_buffer.update_latents(data.indices, wm_out.deter, wm_out.stoch)
         # 2. Imagination from the posterior states (all of them, or a random subset).
         deter, stoch = wm_out.deter.flatten(0, 1), wm_out.stoch.flatten(0, 1)
         starts = None
         if self.imagination_starts is not None and self.imagination_starts < batch * steps:
-            starts = th.randperm(batch * steps, device=deter.device)[: self.imagination_starts]
+            # A random subset (rand + argsort rather than randperm: capturable in a CUDA graph).
+            starts = th.rand(batch * steps, device=deter.device).argsort()[: self.imagination_starts]
             deter, stoch = deter[starts], stoch[starts]
         if self.backprop_actor:
             # 3a. Actor: maximise the lambda-returns, differentiated through dynamics, heads and critic.
@@ -396,13 +484,7 @@ class Dreamer(BaseAlgorithm):
 
         model_loss = wm_out.loss.mean()
         loss = model_loss + policy_loss + value_loss + self.replay_value_scale * replay_loss
-        policy.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        policy.optimizer.step()
-        with th.no_grad():
-            slow, fast = list(policy.critic_slow.parameters()), list(critic.parameters())
-            th._foreach_lerp_(slow, fast, self.critic_ema_rate)
-        return {
+        metrics = {
             "loss": loss.detach(),
             "model_loss": model_loss.detach(),
             **wm_out.metrics,
@@ -415,6 +497,7 @@ class Dreamer(BaseAlgorithm):
             "imagined_reward": reward.mean(),
             "imagined_cont": cont.mean(),
         }
+        return loss, {k: v.float() for k, v in metrics.items()}, wm_out
 
     def dump_logs(self) -> None:
         """Write rollout and time statistics, as SB3's off-policy algorithms do."""

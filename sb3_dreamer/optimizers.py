@@ -48,6 +48,8 @@ class LaProp(th.optim.Optimizer):
 
     @th.no_grad()
     def step(self, closure=None):  # type: ignore[override]
+        """One update. Free of host syncs: the step count lives on the parameters' device, and
+        ``group["lr"]`` may be a 0-d tensor there, so the step can be captured in a CUDA graph."""
         loss = None
         if closure is not None:
             with th.enable_grad():
@@ -61,13 +63,15 @@ class LaProp(th.optim.Optimizer):
             for p in params:
                 state = self.state[p]
                 if not state:
-                    state["step"] = th.zeros((), dtype=th.float32)
+                    state["step"] = th.zeros((), dtype=th.float32, device=p.device)
                     state["exp_avg"] = th.zeros_like(p)
                     state["exp_avg_sq"] = th.zeros_like(p)
-            step_tensor = self.state[params[0]]["step"]
-            step = float(step_tensor) + 1.0
-            for p in params:
-                self.state[p]["step"].fill_(step)
+            # One shared count per group (every parameter steps together); kept per parameter for
+            # torch's state_dict format.
+            step = self.state[params[0]]["step"]
+            step.add_(1.0)
+            for p in params[1:]:
+                self.state[p]["step"].copy_(step)
             if group["agc"] > 0:
                 grad_norm = th.stack(th._foreach_norm(grads))
                 param_norm = th.stack(th._foreach_norm(params)).clamp_(min=group["agc_pmin"])
@@ -83,6 +87,17 @@ class LaProp(th.optim.Optimizer):
             update = th._foreach_div(grads, denom)
             th._foreach_mul_(exp_avg, beta1)
             th._foreach_add_(exp_avg, update, alpha=1.0 - beta1)
-            warm = min(1.0, step / group["warmup"]) if group["warmup"] > 0 else 1.0
-            th._foreach_add_(params, exp_avg, alpha=-group["lr"] * warm / (1.0 - beta1**step))
+            warm = th.clamp(step / group["warmup"], max=1.0) if group["warmup"] > 0 else 1.0
+            step_size = group["lr"] * warm / (1.0 - beta1**step)
+            th._foreach_sub_(params, th._foreach_mul(exp_avg, step_size))
         return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's loader; then moves step counts saved on another device (or by an older version, on
+        the CPU) to their parameter's device, so that step() stays free of cross-device work."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and "step" in state:
+                    state["step"] = state["step"].to(device=p.device, dtype=th.float32)

@@ -11,7 +11,7 @@ import torch as th
 from torch import nn
 
 from sb3_dreamer.distributions import BoundedNormal, OneHotCategorical
-from sb3_dreamer.functional import twohot_bins, twohot_loss, twohot_mean
+from sb3_dreamer.functional import quantiles, twohot_bins, twohot_loss, twohot_mean
 from sb3_dreamer.networks.layers import MLP
 
 
@@ -27,7 +27,7 @@ class Actor(nn.Module):
         self.net = MLP(feat_dim, units, layers, action_dim if discrete else 2 * action_dim, outscale=0.01)
 
     def forward(self, feat: th.Tensor) -> OneHotCategorical | BoundedNormal:
-        raw = self.net(feat)
+        raw = self.net(feat).float()  # distributions in float32 under bfloat16 autocast
         return OneHotCategorical(raw) if self.discrete else BoundedNormal(raw)
 
 
@@ -51,13 +51,13 @@ class Critic(nn.Module):
 
 
 def update_return_percentiles(
-    returns: th.Tensor, low: th.Tensor, high: th.Tensor, decay: float = 0.99, quantiles: tuple[float, float] = (0.05, 0.95)
+    returns: th.Tensor, low: th.Tensor, high: th.Tensor, decay: float = 0.99, qs: tuple[float, float] = (0.05, 0.95)
 ) -> th.Tensor:
     """Track the 5th/95th return percentiles by EMA (in place on ``low``/``high``, 0-d tensors).
 
     :return: the return scale ``max(1, high - low)`` (0-d)
     """
-    q = th.quantile(returns.detach().flatten().float(), th.tensor(quantiles, device=returns.device))
+    q = quantiles(returns.detach().float(), qs)
     low.mul_(decay).add_((1.0 - decay) * q[0])
     high.mul_(decay).add_((1.0 - decay) * q[1])
     return th.clamp(high - low, min=1.0)

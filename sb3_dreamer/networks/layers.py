@@ -21,6 +21,15 @@ def init_linear_(weight: th.Tensor, fan_in: int, scale: float = 1.0) -> None:
     nn.init.trunc_normal_(weight, std=std, a=-2.0 * std, b=2.0 * std)
 
 
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` whose scale follows the input's dtype, so bfloat16 inputs under autocast take
+    the fused kernel (a float32 scale with a bfloat16 input falls back to several unfused ones)."""
+
+    def forward(self, x: th.Tensor) -> th.Tensor:
+        weight = self.weight if self.weight is None or self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        return nn.functional.rms_norm(x, self.normalized_shape, weight, self.eps)
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` with DreamerV3's initialisation; ``outscale=0`` gives an all-zero output layer."""
 
@@ -37,7 +46,7 @@ class NormLinear(nn.Module):
         super().__init__()
         self.linear = nn.Linear(in_features, out_features, bias=False)
         init_linear_(self.linear.weight, in_features)
-        self.norm = nn.RMSNorm(out_features, eps=eps)
+        self.norm = RMSNorm(out_features, eps=eps)
 
     def forward(self, x: th.Tensor) -> th.Tensor:
         return nn.functional.silu(self.norm(self.linear(x)))

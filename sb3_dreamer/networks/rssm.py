@@ -17,21 +17,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from sb3_dreamer.functional import unimix_logits
-from sb3_dreamer.networks.layers import MLP, BlockLinear, Linear, NormLinear, init_linear_
+from sb3_dreamer.networks.layers import MLP, BlockLinear, Linear, NormLinear, RMSNorm, init_linear_
 
 
 def sample_onehot(log_probs: th.Tensor, deterministic: bool = False) -> th.Tensor:
     """Straight-through one-hot sample of categoricals given as log-probs [..., K]: [..., K].
 
     The forward value is a one-hot vector (argmax when ``deterministic``), the gradient that of the
-    probabilities. Sampling uses the Gumbel-max trick, cheaper than ``multinomial`` on CPU.
+    probabilities. Sampling uses the Gumbel-max trick, cheaper than ``multinomial`` on CPU; the
+    one-hot is taken as "equals the maximum" (ties have probability zero under the Gumbel noise),
+    3x cheaper on CPU than ``argmax`` + ``one_hot`` over a few classes.
     """
     if deterministic:
-        index = log_probs.argmax(-1)
+        onehot = F.one_hot(log_probs.argmax(-1), log_probs.shape[-1]).to(log_probs.dtype)
     else:
         uniform = th.rand_like(log_probs).clamp_(1e-20, 1.0)
-        index = (log_probs - th.log(-th.log(uniform))).argmax(-1)
-    onehot = F.one_hot(index, log_probs.shape[-1]).to(log_probs.dtype)
+        perturbed = log_probs.detach() - th.log(-th.log(uniform))
+        onehot = (perturbed == perturbed.amax(-1, keepdim=True)).to(log_probs.dtype)
+    if not log_probs.requires_grad:
+        return onehot
     probs = log_probs.exp()
     return onehot + probs - probs.detach()
 
@@ -72,7 +76,7 @@ class RSSM(nn.Module):
         self.in_stoch = NormLinear(self.stoch_dim, hidden)
         self.in_action = NormLinear(action_dim, hidden)
         self.gru_hidden = BlockLinear(deter + blocks * 3 * hidden, deter, blocks)
-        self.gru_norm = nn.RMSNorm(deter, eps=1e-4)
+        self.gru_norm = RMSNorm(deter, eps=1e-4)
         self.gru_gates = BlockLinear(deter, 3 * deter, blocks)
         self.prior = MLP(deter, hidden, prior_layers, self.stoch_dim)
         # Posterior q(z | h, embed): one hidden layer whose linear part is split in two, so the
@@ -81,7 +85,7 @@ class RSSM(nn.Module):
         self.post_embed = nn.Linear(embed_dim, hidden, bias=False)
         init_linear_(self.post_deter.weight, deter + embed_dim)
         init_linear_(self.post_embed.weight, deter + embed_dim)
-        self.post_norm = nn.RMSNorm(hidden, eps=1e-4)
+        self.post_norm = RMSNorm(hidden, eps=1e-4)
         self.post_out = Linear(hidden, self.stoch_dim)
 
     @property
@@ -101,7 +105,7 @@ class RSSM(nn.Module):
         x = F.silu(self.gru_norm(self.gru_hidden(x)))
         reset, cand, update = self.gru_gates(x).view(n, g, -1).chunk(3, -1)
         reset, cand, update = (y.reshape(n, -1) for y in (reset, cand, update))
-        cand = th.tanh(th.sigmoid(reset) * cand)
+        cand = 2.0 * th.sigmoid(2.0 * th.sigmoid(reset) * cand) - 1.0  # tanh, 2x cheaper on CPU
         update = th.sigmoid(update - 1.0)
         return update * cand + (1.0 - update) * deter
 

@@ -77,7 +77,7 @@ class WorldModel(nn.Module):
 
     def cont(self, feat: th.Tensor) -> th.Tensor:
         """Predicted probability of continuing, discount included, [...] from feat [..., F]."""
-        return th.sigmoid(self.cont_head(feat).squeeze(-1))
+        return th.sigmoid(self.cont_head(feat).squeeze(-1).float())
 
     def loss(
         self,

@@ -1,0 +1,160 @@
+"""Speed benchmark: milliseconds per gradient update, acting steps per second, env steps per second.
+
+    python -m sb3_dreamer.speed                                  # defaults on this machine's CPU
+    python -m sb3_dreamer.speed --size size12m --device cuda --sequence-length 64 --imagination-starts 0
+
+Reports, for one preset, device, precision and batch shape:
+
+- ms per update: median (and 10th/90th percentiles) of ``--updates`` timed gradient updates (world
+  model + imagination + actor + critic + optimiser step, the replay sample included), after
+  ``--warmup`` untimed ones; CUDA graph capture happens in the warm-up and is reported apart;
+- acting: ``predict()`` steps per second for one env with the latent carried (what
+  ``evaluate_policy`` and ``collect_rollouts`` pay per env step), and its median ms;
+- learn: env steps per second of a real ``learn()`` run at the model's ``train_ratio``, after
+  ``learning_starts`` (collection, updates and logging included).
+
+Replay is filled with random-action steps first, so the timed updates see real data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch as th
+
+
+def _sync(device: th.device) -> None:
+    if device.type == "cuda":
+        th.cuda.synchronize(device)
+
+
+def measure(
+    env_id: str = "CartPole-v1",
+    size: str = "size400k",
+    device: str = "cpu",
+    batch_size: int = 16,
+    sequence_length: int = 32,
+    imagination_starts: int | None = 256,
+    precision: str = "auto",
+    cuda_graph: bool | None = None,
+    updates: int = 30,
+    warmup: int = 5,
+    acting_steps: int = 500,
+    learn_steps: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """Run the three measurements; returns a record of the figures and the settings."""
+    from sb3_dreamer import Dreamer
+
+    fill = max(batch_size * sequence_length, 2 * sequence_length)
+    kwargs = dict(
+        batch_size=batch_size, sequence_length=sequence_length, imagination_starts=imagination_starts,
+        precision=precision, cuda_graph=cuda_graph, policy_kwargs=dict(size=size), device=device, seed=seed,
+    )  # fmt: skip
+    model = Dreamer("MlpLatentPolicy", env_id, learning_starts=fill, **kwargs)
+    model.learn(fill)  # random actions only: learning starts after `fill` steps
+    dev = model.device
+
+    times = []
+    for i in range(warmup + updates):
+        _sync(dev)
+        start = time.perf_counter()
+        model.train(1)
+        _sync(dev)
+        times.append(time.perf_counter() - start)
+    timed = np.array(times[warmup:]) * 1000
+    capture = model._captured_update.capture_seconds if model._captured_update is not None else 0.0
+
+    env = model.get_env()
+    assert env is not None
+    obs, state, starts = env.reset(), None, np.ones(env.num_envs, dtype=bool)
+    act_times = []
+    for _ in range(acting_steps):
+        start = time.perf_counter()
+        action, state = model.predict(obs, state=state, episode_start=starts, deterministic=False)
+        act_times.append(time.perf_counter() - start)
+        obs, _, starts, _ = env.step(action)
+    act_ms = np.array(act_times[10:]) * 1000
+
+    learner = Dreamer("MlpLatentPolicy", env_id, **kwargs)
+    learner.learn(learner.learning_starts)  # collection only
+    _sync(dev)
+    start = time.perf_counter()
+    learner.learn(learn_steps, reset_num_timesteps=False)
+    _sync(dev)
+    learn_seconds = time.perf_counter() - start
+
+    return {
+        "env": env_id,
+        "size": size,
+        "params": sum(p.numel() for p in model.policy.parameters() if p.requires_grad),
+        "device": th.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({th.get_num_threads()} threads)",
+        "torch": th.__version__,
+        "precision": str(model.autocast_dtype or th.float32).replace("torch.", ""),
+        "cuda_graph": model.uses_cuda_graph,
+        "batch": f"B{batch_size} x T{sequence_length}, H{model.imagination_horizon}, "
+        f"{imagination_starts or batch_size * sequence_length} imagination starts",
+        "ms_per_update_median": float(np.median(timed)),
+        "ms_per_update_p10": float(np.percentile(timed, 10)),
+        "ms_per_update_p90": float(np.percentile(timed, 90)),
+        "updates_per_s": float(1000 / np.median(timed)),
+        "capture_s": capture,
+        "acting_steps_per_s": float(1000 / np.mean(act_ms)),
+        "acting_ms_median": float(np.median(act_ms)),
+        "learn_env_steps_per_s": learn_steps / learn_seconds,
+        "train_ratio": learner.train_ratio,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env", default="CartPole-v1")
+    parser.add_argument("--size", default="size400k", help="policy size preset (sb3_dreamer.presets)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--sequence-length", type=int, default=32)
+    parser.add_argument("--imagination-starts", type=int, default=256, help="0: every posterior state (DreamerV3)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--cuda-graph", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--updates", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--acting-steps", type=int, default=500)
+    parser.add_argument("--learn-steps", type=int, default=1000)
+    parser.add_argument("--json", action="store_true", help="print the record as JSON")
+    args = parser.parse_args(argv)
+    if args.threads:
+        th.set_num_threads(args.threads)
+    record = measure(
+        env_id=args.env,
+        size=args.size,
+        device=args.device,
+        batch_size=args.batch_size,
+        sequence_length=args.sequence_length,
+        imagination_starts=args.imagination_starts or None,
+        precision=args.precision,
+        cuda_graph={"auto": None, "on": True, "off": False}[args.cuda_graph],
+        updates=args.updates,
+        warmup=args.warmup,
+        acting_steps=args.acting_steps,
+        learn_steps=args.learn_steps,
+    )
+    if args.json:
+        print(json.dumps(record))
+        return
+    print(f"{record['size']} ({record['params'] / 1e6:.2f}M params), {record['batch']}")
+    print(f"device {record['device']}, torch {record['torch']}, {record['precision']}, cuda_graph={record['cuda_graph']}")
+    print(
+        f"update: {record['ms_per_update_median']:.1f} ms median (p10 {record['ms_per_update_p10']:.1f}, "
+        f"p90 {record['ms_per_update_p90']:.1f}), {record['updates_per_s']:.1f} updates/s"
+        + (f"; capture {record['capture_s']:.1f} s" if record["cuda_graph"] else "")
+    )
+    print(f"acting: {record['acting_steps_per_s']:.0f} steps/s ({record['acting_ms_median']:.2f} ms median per predict)")
+    print(f"learn(): {record['learn_env_steps_per_s']:.1f} env steps/s at train_ratio {record['train_ratio']:g}")
+
+
+if __name__ == "__main__":
+    main()
