@@ -125,6 +125,15 @@ class DreamerPolicy(BasePolicy):
         )
         return data
 
+    def compile_steps(self) -> None:
+        """``torch.compile`` the functions called once per time step (posterior step, prior step,
+        actor): each becomes a few fused kernels instead of dozens. Shapes are static, so each batch
+        shape compiles once (training batch, imagination starts, acting envs)."""
+        rssm = self.world_model.rssm
+        rssm.obs_step = th.compile(rssm.obs_step, dynamic=False)  # type: ignore[method-assign]
+        rssm.img_step = th.compile(rssm.img_step, dynamic=False)  # type: ignore[method-assign]
+        self.actor.net.forward = th.compile(self.actor.net.forward, dynamic=False)  # type: ignore[method-assign]
+
     # ----------------------------------------------------------------------------------- acting
     def initial_state(self, n: int) -> LatentState:
         """Zero latent for ``n`` envs."""

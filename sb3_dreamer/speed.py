@@ -40,6 +40,7 @@ def measure(
     imagination_starts: int | None = 256,
     precision: str = "auto",
     cuda_graph: bool | None = None,
+    compile_steps: bool | None = None,
     updates: int = 30,
     warmup: int = 5,
     acting_steps: int = 500,
@@ -52,7 +53,7 @@ def measure(
     fill = max(batch_size * sequence_length, 2 * sequence_length)
     kwargs = dict(
         batch_size=batch_size, sequence_length=sequence_length, imagination_starts=imagination_starts,
-        precision=precision, cuda_graph=cuda_graph, policy_kwargs=dict(size=size), device=device, seed=seed,
+        precision=precision, cuda_graph=cuda_graph, compile_steps=compile_steps, policy_kwargs=dict(size=size), device=device, seed=seed,
     )  # fmt: skip
     model = Dreamer("MlpLatentPolicy", env_id, learning_starts=fill, **kwargs)
     model.learn(fill)  # random actions only: learning starts after `fill` steps
@@ -95,6 +96,7 @@ def measure(
         "torch": th.__version__,
         "precision": str(model.autocast_dtype or th.float32).replace("torch.", ""),
         "cuda_graph": model.uses_cuda_graph,
+        "compile_steps": bool(model.compile_steps or (model.compile_steps is None and model.uses_cuda_graph)),
         "batch": f"B{batch_size} x T{sequence_length}, H{model.imagination_horizon}, "
         f"{imagination_starts or batch_size * sequence_length} imagination starts",
         "ms_per_update_median": float(np.median(timed)),
@@ -119,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--imagination-starts", type=int, default=256, help="0: every posterior state (DreamerV3)")
     parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--cuda-graph", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument("--compile-steps", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--updates", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
@@ -137,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         imagination_starts=args.imagination_starts or None,
         precision=args.precision,
         cuda_graph={"auto": None, "on": True, "off": False}[args.cuda_graph],
+        compile_steps={"auto": None, "on": True, "off": False}[args.compile_steps],
         updates=args.updates,
         warmup=args.warmup,
         acting_steps=args.acting_steps,
@@ -146,11 +150,14 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(record))
         return
     print(f"{record['size']} ({record['params'] / 1e6:.2f}M params), {record['batch']}")
-    print(f"device {record['device']}, torch {record['torch']}, {record['precision']}, cuda_graph={record['cuda_graph']}")
+    print(
+        f"device {record['device']}, torch {record['torch']}, {record['precision']}, "
+        f"cuda_graph={record['cuda_graph']}, compile_steps={record['compile_steps']}"
+    )
     print(
         f"update: {record['ms_per_update_median']:.1f} ms median (p10 {record['ms_per_update_p10']:.1f}, "
         f"p90 {record['ms_per_update_p90']:.1f}), {record['updates_per_s']:.1f} updates/s"
-        + (f"; capture {record['capture_s']:.1f} s" if record["cuda_graph"] else "")
+        + (f"; capture {record['capture_s']:.1f} s (compilation included)" if record["cuda_graph"] else "")
     )
     print(f"acting: {record['acting_steps_per_s']:.0f} steps/s ({record['acting_ms_median']:.2f} ms median per predict)")
     print(f"learn(): {record['learn_env_steps_per_s']:.1f} env steps/s at train_ratio {record['train_ratio']:g}")
