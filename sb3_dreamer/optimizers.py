@@ -60,18 +60,14 @@ class LaProp(th.optim.Optimizer):
                 continue
             grads = [p.grad for p in params]
             beta1, beta2 = group["betas"]
+            step = self._group_step(group, params[0].device)
             for p in params:
                 state = self.state[p]
                 if not state:
-                    state["step"] = th.zeros((), dtype=th.float32, device=p.device)
+                    state["step"] = step
                     state["exp_avg"] = th.zeros_like(p)
                     state["exp_avg_sq"] = th.zeros_like(p)
-            # One shared count per group (every parameter steps together); kept per parameter for
-            # torch's state_dict format.
-            step = self.state[params[0]]["step"]
             step.add_(1.0)
-            for p in params[1:]:
-                self.state[p]["step"].copy_(step)
             if group["agc"] > 0:
                 grad_norm = th.stack(th._foreach_norm(grads))
                 param_norm = th.stack(th._foreach_norm(params)).clamp_(min=group["agc_pmin"])
@@ -92,12 +88,24 @@ class LaProp(th.optim.Optimizer):
             th._foreach_sub_(params, th._foreach_mul(exp_avg, step_size))
         return loss
 
+    def _group_step(self, group: dict, device: th.device) -> th.Tensor:
+        """The group's step count: one 0-d tensor on the parameters' device, shared by the state of
+        every parameter of the group (they all step together), so a step increments it once."""
+        for p in group["params"]:
+            state = self.state.get(p)
+            if state and "step" in state:
+                return state["step"]
+        return th.zeros((), dtype=th.float32, device=device)
+
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch's loader; then moves step counts saved on another device (or by an older version, on
-        the CPU) to their parameter's device, so that step() stays free of cross-device work."""
+        """torch's loader; then moves the step counts to the parameters' device (saved on another
+        device, or by an older version on the CPU) and shares one count per group again."""
         super().load_state_dict(state_dict)
         for group in self.param_groups:
+            step = None
             for p in group["params"]:
                 state = self.state.get(p)
                 if state and "step" in state:
-                    state["step"] = state["step"].to(device=p.device, dtype=th.float32)
+                    if step is None:
+                        step = state["step"].to(device=p.device, dtype=th.float32)
+                    state["step"] = step
