@@ -38,13 +38,13 @@ def _flat_params(model: Dreamer) -> th.Tensor:
 @cuda
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 @pytest.mark.parametrize("compile_steps", [False, True])
-def test_cuda_graph_matches_eager(precision, compile_steps):
+def test_cuda_graph_matches_eager(precision, compile_steps, monkeypatch):
     """Same seed, same batches: the graphed update gives the eager update's losses (within 2%:
     categorical samples can flip where float rounding differs) and moves the parameters the same way.
     Compiled kernels draw their random numbers as eager ones do (inductor's ``fallback_random``)."""
     import torch._inductor.config
 
-    torch._inductor.config.fallback_random = True
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     kwargs = dict(precision=precision, optimizer_kwargs=dict(warmup=0))
     graphed = _model("cuda", cuda_graph=True, compile_steps=compile_steps, learning_rate=1e-3, **kwargs)
     eager = _model("cuda", cuda_graph=False, compile_steps=False, learning_rate=1e-3, **kwargs)
