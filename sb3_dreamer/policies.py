@@ -227,29 +227,36 @@ class DreamerPolicy(BasePolicy):
     def imagine(self, deter: th.Tensor, stoch: th.Tensor, horizon: int, backprop: bool = False) -> Trajectory:
         """Roll the prior forward ``horizon`` steps from N start states, acting with the actor.
 
-        With ``backprop=False`` (REINFORCE) the dynamics run without gradient and only the actor's
-        log-probs and entropies keep theirs. With ``backprop=True`` actions are reparameterised samples
-        and the features carry gradients through the dynamics back to the actor; the caller freezes
-        the world model's parameters (:func:`frozen`) so that only the actor learns from it.
+        With ``backprop=False`` (REINFORCE) the rollout runs without autograd, and the actor's
+        log-probs and entropies of the chosen actions are computed afterwards in one batched pass
+        over all [N, H+1] states (the same values, one large product instead of H+1 small ones);
+        only they carry gradients. With ``backprop=True`` actions are reparameterised samples and
+        the features carry gradients through the dynamics back to the actor; the caller freezes the
+        world model's parameters (:func:`frozen`) so that only the actor learns from it.
 
         :param deter: [N, D] :param stoch: [N, S*K] :return: a :class:`Trajectory`
         """
         rssm = self.world_model.rssm
         feats, actions, log_probs, entropies = [], [], [], []
         deter, stoch = deter.detach(), stoch.detach()
-        for t in range(horizon + 1):
-            feat = th.cat([deter, stoch], -1)
-            dist = self.actor(feat)
-            action = dist.sample() if backprop else dist.sample().detach()
-            feats.append(feat)
-            actions.append(action)
-            log_probs.append(dist.log_prob(action.detach()))
-            entropies.append(dist.entropy())
-            if t < horizon:
-                with th.set_grad_enabled(backprop and th.is_grad_enabled()):
+        with th.set_grad_enabled(backprop and th.is_grad_enabled()):
+            for t in range(horizon + 1):
+                feat = th.cat([deter, stoch], -1)
+                dist = self.actor(feat)
+                action = dist.sample()
+                feats.append(feat)
+                actions.append(action)
+                if backprop:
+                    log_probs.append(dist.log_prob(action.detach()))
+                    entropies.append(dist.entropy())
+                if t < horizon:
                     deter, stoch = rssm.img_step(deter, stoch, action)
         stack = lambda xs: th.stack(xs, 1)  # noqa: E731
-        return Trajectory(stack(feats), stack(actions), stack(log_probs), stack(entropies))
+        if backprop:
+            return Trajectory(stack(feats), stack(actions), stack(log_probs), stack(entropies))
+        feat, action = stack(feats), stack(actions)
+        dist = self.actor(feat)
+        return Trajectory(feat, action, dist.log_prob(action), dist.entropy())
 
 
 @contextmanager

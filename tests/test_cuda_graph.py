@@ -2,8 +2,8 @@
 
 Tolerances: CUDA graph vs eager at the same precision, 2% on the losses and a cosine similarity
 above 0.95 between the parameter updates (float rounding differs between the paths, and where two
-perturbed logits nearly tie a categorical sample flips); bfloat16 autocast vs float32 on CPU, 5% on the world-model terms (what bfloat16's
-8-bit mantissa costs).
+perturbed logits nearly tie a categorical sample flips); bfloat16 autocast vs float32 on CPU, 5%
+on the world-model losses and 10% on the KL (what bfloat16's 8-bit mantissa costs).
 """
 
 import pytest
@@ -85,8 +85,8 @@ def test_bfloat16_autocast_matches_float32_on_cpu():
     want = full.train_step(batch)
     th.manual_seed(7)
     got = half.train_step(batch)
-    for key in ("model_loss", "rec_loss", "reward_loss", "cont_loss", "dyn_kl"):
-        assert got[key].item() == pytest.approx(want[key].item(), rel=0.05, abs=1e-3), key
+    for key, rel in (("model_loss", 0.05), ("rec_loss", 0.05), ("reward_loss", 0.05), ("cont_loss", 0.05), ("dyn_kl", 0.1)):
+        assert got[key].item() == pytest.approx(want[key].item(), rel=rel, abs=1e-3), key
 
 
 def test_cuda_graph_option_is_checked():
