@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from sb3_dreamer.launcher import Job, run_jobs
 
 THRESHOLDS = {"CartPole-v1": 475.0, "Pendulum-v1": -200.0}
 BUDGETS = {"CartPole-v1": 10_000, "Pendulum-v1": 6_000}
@@ -127,31 +127,14 @@ def main(argv: list[str] | None = None) -> None:
 
     todo = [(e, s) for e in args.envs for s in args.seeds if not (args.out / f"{e}_seed{s}.json").exists()]
     print(f"{len(todo)} run(s) to do, {len(args.envs) * len(args.seeds) - len(todo)} already done in {args.out}", flush=True)
-    running: list[tuple[subprocess.Popen, int, str]] = []
-    free_cores = list(range(os.cpu_count() or 1))
-    while todo or running:
-        while todo and len(running) < args.jobs:
-            env_id, seed = todo.pop(0)
-            cmd = [sys.executable, "-m", "sb3_dreamer.benchmark", "--one", env_id, str(seed), "--out", str(args.out),
-                   "--kwargs", json.dumps(args.kwargs), "--eval-freq", str(args.eval_freq), "--eval-episodes", str(args.eval_episodes)]  # fmt: skip
-            if args.steps:
-                cmd += ["--steps", str(args.steps)]
-            env = dict(os.environ)
-            core = free_cores.pop(0) if args.jobs > 1 and free_cores else None
-            if core is not None:
-                env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-                cmd = ["taskset", "-c", str(core), *cmd]
-            log = open(args.out / f"{env_id}_seed{seed}.log", "w")
-            running.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), core, f"{env_id} seed {seed}"))
-            print(f"started {env_id} seed {seed}" + (f" on core {core}" if core is not None else ""), flush=True)
-        time.sleep(2)
-        for proc, core, name in list(running):
-            if proc.poll() is not None:
-                running.remove((proc, core, name))
-                if core is not None:
-                    free_cores.append(core)
-                status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see its .log)"
-                print(f"{name}: {status}", flush=True)
+    jobs = []
+    for env_id, seed in todo:
+        cmd = [sys.executable, "-m", "sb3_dreamer.benchmark", "--one", env_id, str(seed), "--out", str(args.out),
+               "--kwargs", json.dumps(args.kwargs), "--eval-freq", str(args.eval_freq), "--eval-episodes", str(args.eval_episodes)]  # fmt: skip
+        if args.steps:
+            cmd += ["--steps", str(args.steps)]
+        jobs.append(Job(f"{env_id} seed {seed}", cmd, args.out / f"{env_id}_seed{seed}.log"))
+    run_jobs(jobs, args.jobs)
     records = [json.loads(p.read_text()) for e in args.envs for s in args.seeds if (p := args.out / f"{e}_seed{s}.json").exists()]
     result = table(records)
     (args.out / "results.md").write_text(result + "\n")

@@ -1,0 +1,60 @@
+"""Run benchmark jobs as subprocesses, a few at a time, each pinned to its own CPU core.
+
+Torch's default threads thrash when two training processes share two cores (30x slowdowns were
+seen), so with more than one job at a time each process gets one core (``taskset``) and one thread.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Job:
+    """One command to run: its name in progress lines, the command and the file its output goes to."""
+
+    name: str
+    cmd: list[str]
+    log: Path
+
+
+def run_jobs(jobs: list[Job], parallel: int = 1) -> dict[str, tuple[int, float]]:
+    """Run ``jobs``, at most ``parallel`` at a time, printing progress.
+
+    :return: for each job name, (exit code, wall-clock seconds)
+    """
+    pending, running = list(jobs), []
+    results: dict[str, tuple[int, float]] = {}
+    free_cores = list(range(os.cpu_count() or 1))
+    pin = parallel > 1 and shutil.which("taskset") is not None
+    while pending or running:
+        while pending and len(running) < parallel:
+            job = pending.pop(0)
+            env, cmd = dict(os.environ), job.cmd
+            core = free_cores.pop(0) if pin and free_cores else None
+            if core is not None:
+                env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+                cmd = ["taskset", "-c", str(core), *cmd]
+            job.log.parent.mkdir(parents=True, exist_ok=True)
+            with open(job.log, "w") as log:
+                proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+            running.append((proc, core, job, time.perf_counter()))
+            where = f" on core {core}" if core is not None else ""
+            print(f"[{len(results) + len(running)}/{len(jobs)}] started {job.name}{where}", flush=True)
+        time.sleep(1)
+        for item in list(running):
+            proc, core, job, start = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            if core is not None:
+                free_cores.append(core)
+            results[job.name] = (proc.returncode, time.perf_counter() - start)
+            status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {job.log})"
+            print(f"[{len(results)}/{len(jobs)}] {job.name}: {status} in {results[job.name][1]:.0f} s", flush=True)
+    return results

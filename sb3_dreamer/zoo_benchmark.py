@@ -1,0 +1,235 @@
+"""Benchmark a grid of (algo, env, seed) through the RL Zoo with one evaluation protocol.
+
+    python -m sb3_dreamer.zoo benchmark --algos dreamer ppo --envs CartPole-v1 --seeds 0 1 2 \\
+        --n-timesteps 30000 --eval-freq 1000 --eval-episodes 10 --jobs 2
+
+Every run is ``python -m sb3_dreamer.zoo train`` with the algorithm's own zoo hyperparameters
+(ours for Dreamer) and the same budget (``-n``), evaluation frequency and episodes
+(deterministic, one eval env), so the curves are comparable. Runs log to the zoo's
+``<log-folder>/<algo>/<Env>_<N>/``, so ``rl_zoo3.plots.all_plots`` works on them too. A finished
+run leaves ``<out>/runs/<algo>_<env>_seed<S>.json``; a rerun skips it.
+
+Writes to ``<out>``:
+
+- ``evaluations.csv``: every evaluation point (algo, env, seed, timesteps, mean and std return);
+- ``results.md``: per (algo, env), env steps to the solved threshold per seed and median, final
+  return per seed, interquartile mean (IQM) of the final return with a 95% stratified bootstrap
+  confidence interval (rliable), and wall-clock per run; then the IQM over envs of the
+  random-to-threshold normalised final return, per algo;
+- ``curves.png``: mean evaluation return against env steps, one axis per env, with a 95%
+  bootstrap band over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from sb3_dreamer.launcher import Job, run_jobs
+
+# Solved thresholds (mean evaluation return) and the return of a uniformly random policy, which
+# together normalise scores to [random = 0, solved = 1] for the aggregate over envs.
+THRESHOLDS = {
+    "CartPole-v1": 475.0,
+    "CartPoleNoVel-v1": 475.0,
+    "Pendulum-v1": -200.0,
+    "PendulumNoVel-v1": -200.0,
+    "LunarLander-v3": 200.0,
+    "LunarLanderContinuous-v3": 200.0,
+}
+RANDOM_RETURNS = {
+    "CartPole-v1": 22.0,
+    "CartPoleNoVel-v1": 22.0,
+    "Pendulum-v1": -1230.0,
+    "PendulumNoVel-v1": -1230.0,
+    "LunarLander-v3": -180.0,
+    "LunarLanderContinuous-v3": -180.0,
+}
+
+
+def run_name(algo: str, env_id: str, seed: int) -> str:
+    return f"{algo}_{env_id}_seed{seed}"
+
+
+def train_command(algo: str, env_id: str, seed: int, args: argparse.Namespace) -> list[str]:
+    """The zoo command of one run (Dreamer registered by our entry point; others are the zoo's own)."""
+    return [
+        sys.executable, "-m", "sb3_dreamer.zoo", "train", "--algo", algo, "--env", env_id, "--seed", str(seed),
+        "-n", str(args.n_timesteps), "--eval-freq", str(args.eval_freq), "--eval-episodes", str(args.eval_episodes),
+        "--n-eval-envs", "1", "-f", str(args.log_folder), "--device", args.device, "--log-interval", "-2",
+        *(["-params", *args.params] if args.params and algo == "dreamer" else []),
+    ]  # fmt: skip
+
+
+def load_runs(out: Path, algos: list[str], envs: list[str], seeds: list[int]) -> list[dict]:
+    """Finished runs of the grid with their evaluations (timesteps [K], mean returns [K], std [K])."""
+    runs = []
+    for algo in algos:
+        for env_id in envs:
+            for seed in seeds:
+                path = out / "runs" / f"{run_name(algo, env_id, seed)}.json"
+                if not path.exists():
+                    continue
+                record = json.loads(path.read_text())
+                data = np.load(Path(record["log_path"]) / "evaluations.npz")
+                record.update(
+                    timesteps=data["timesteps"].tolist(),
+                    mean=data["results"].mean(1).tolist(),
+                    std=data["results"].std(1).tolist(),
+                )
+                runs.append(record)
+    return runs
+
+
+def first_solved(timesteps: list[int], returns: list[float], threshold: float) -> float:
+    """Env steps of the first evaluation at or above ``threshold`` (inf if none)."""
+    return next((float(t) for t, r in zip(timesteps, returns) if r >= threshold), float("inf"))
+
+
+def iqm_interval(scores: np.ndarray, reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """IQM of ``scores`` [runs, tasks] and its 95% stratified bootstrap interval (rliable)."""
+    from rliable import library as rly
+    from rliable import metrics
+
+    rng_state = np.random.get_state()
+    np.random.seed(seed)  # rliable draws its bootstrap samples from numpy's global generator
+    try:
+        point, interval = rly.get_interval_estimates({"x": scores}, lambda x: np.array([metrics.aggregate_iqm(x)]), reps=reps)
+    finally:
+        np.random.set_state(rng_state)
+    return float(point["x"][0]), float(interval["x"][0, 0]), float(interval["x"][1, 0])
+
+
+def write_csv(runs: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["algo", "env", "seed", "timesteps", "mean_return", "std_return"])
+        for r in runs:
+            for t, m, s in zip(r["timesteps"], r["mean"], r["std"]):
+                writer.writerow([r["algo"], r["env"], r["seed"], t, f"{m:.3f}", f"{s:.3f}"])
+
+
+def results_table(runs: list[dict]) -> str:
+    """Markdown: one row per (algo, env), then the normalised aggregate per algo."""
+    k = lambda s: "unsolved" if np.isinf(s) else f"{s / 1000:g}k"  # noqa: E731
+    lines = [
+        "| algo | env (threshold) | env steps to threshold, per seed | median | final return, per seed "
+        "| IQM final return [95% CI] | wall-clock per run, median |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    algos = list(dict.fromkeys(r["algo"] for r in runs))
+    envs = list(dict.fromkeys(r["env"] for r in runs))
+    for env_id in envs:
+        threshold = THRESHOLDS.get(env_id, float("inf"))
+        for algo in algos:
+            group = sorted((r for r in runs if r["algo"] == algo and r["env"] == env_id), key=lambda r: r["seed"])
+            if not group:
+                continue
+            steps = [first_solved(r["timesteps"], r["mean"], threshold) for r in group]
+            finals = np.array([[r["mean"][-1]] for r in group])
+            iqm, low, high = iqm_interval(finals)
+            lines.append(
+                f"| {algo} | {env_id} ({threshold:g}) | {', '.join(k(s) for s in steps)} | {k(float(np.median(steps)))} "
+                f"| {', '.join(f'{f:.0f}' for f in finals[:, 0])} | {iqm:.0f} [{low:.0f}, {high:.0f}] "
+                f"| {np.median([r['wall_clock_s'] for r in group]):.0f} s |"
+            )
+    normalised = [e for e in envs if e in RANDOM_RETURNS and e in THRESHOLDS]
+    if normalised:
+        lines += ["", f"Normalised final return (random policy 0, threshold 1), IQM over seeds x envs ({', '.join(normalised)}):", ""]
+        lines += ["| algo | IQM [95% CI] |", "|---|---|"]
+        for algo in algos:
+            seeds = sorted({r["seed"] for r in runs if r["algo"] == algo})
+            table = {(r["env"], r["seed"]): r["mean"][-1] for r in runs if r["algo"] == algo}
+            if not all((e, s) in table for e in normalised for s in seeds):
+                continue  # the stratified bootstrap needs every (seed, env) cell
+            scores = np.array(
+                [[(table[e, s] - RANDOM_RETURNS[e]) / (THRESHOLDS[e] - RANDOM_RETURNS[e]) for e in normalised] for s in seeds]
+            )
+            iqm, low, high = iqm_interval(scores)
+            lines.append(f"| {algo} | {iqm:.2f} [{low:.2f}, {high:.2f}] |")
+    return "\n".join(lines)
+
+
+def plot_curves(runs: list[dict], path: Path) -> None:
+    """Mean evaluation return against env steps with a 95% bootstrap band over seeds, one axis per env."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    envs = list(dict.fromkeys(r["env"] for r in runs))
+    fig, axes = plt.subplots(1, len(envs), figsize=(5 * len(envs), 4), squeeze=False)
+    rng = np.random.default_rng(0)
+    for ax, env_id in zip(axes[0], envs):
+        for algo in dict.fromkeys(r["algo"] for r in runs):
+            group = [r for r in runs if r["algo"] == algo and r["env"] == env_id]
+            if not group:
+                continue
+            length = min(len(r["mean"]) for r in group)
+            steps = np.array(group[0]["timesteps"][:length])
+            returns = np.array([r["mean"][:length] for r in group])  # [seeds, K]
+            boot = returns[rng.integers(0, len(group), size=(2000, len(group)))].mean(1)  # [2000, K]
+            ax.plot(steps, returns.mean(0), label=f"{algo} ({len(group)} seeds)")
+            ax.fill_between(steps, np.percentile(boot, 2.5, 0), np.percentile(boot, 97.5, 0), alpha=0.25)
+        if env_id in THRESHOLDS:
+            ax.axhline(THRESHOLDS[env_id], color="gray", linestyle="--", linewidth=1)
+        ax.set_title(env_id)
+        ax.set_xlabel("env steps")
+        ax.set_ylabel("mean evaluation return")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--algos", nargs="+", default=["dreamer", "ppo"], help="zoo algorithm names (dreamer included)")
+    parser.add_argument("--envs", nargs="+", default=["CartPole-v1"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--n-timesteps", type=int, required=True, help="env steps per run, the same for every algo")
+    parser.add_argument("--eval-freq", type=int, default=1000, help="env steps between evaluations")
+    parser.add_argument("--eval-episodes", type=int, default=10)
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, each pinned to one core")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--log-folder", type=Path, default=Path("logs"))
+    parser.add_argument("--out", type=Path, default=Path("zoo_benchmark"))
+    parser.add_argument("--params", nargs="*", default=None, help="overrides of Dreamer's hyperparameters (zoo -params key:value); the baselines keep the zoo's own")
+    args = parser.parse_args(argv)
+    (args.out / "runs").mkdir(parents=True, exist_ok=True)
+
+    grid = [(a, e, s) for a in args.algos for e in args.envs for s in args.seeds]
+    todo = [(a, e, s) for a, e, s in grid if not (args.out / "runs" / f"{run_name(a, e, s)}.json").exists()]
+    print(f"{len(todo)} run(s) to do, {len(grid) - len(todo)} already done in {args.out}", flush=True)
+    logs = {run_name(*key): args.out / "runs" / f"{run_name(*key)}.log" for key in todo}
+    jobs = [Job(run_name(*key), train_command(*key, args), logs[run_name(*key)]) for key in todo]
+    results = run_jobs(jobs, args.jobs)
+    for algo, env_id, seed in todo:
+        name = run_name(algo, env_id, seed)
+        code, seconds = results[name]
+        found = re.findall(r"^Log path: (.+)$", logs[name].read_text(), flags=re.MULTILINE)
+        if code != 0 or not found:
+            continue  # not recorded: the next invocation runs it again
+        record = dict(algo=algo, env=env_id, seed=seed, log_path=found[-1].strip(), wall_clock_s=seconds,
+                      n_timesteps=args.n_timesteps, eval_freq=args.eval_freq, eval_episodes=args.eval_episodes)  # fmt: skip
+        (args.out / "runs" / f"{name}.json").write_text(json.dumps(record, indent=1))
+
+    runs = load_runs(args.out, args.algos, args.envs, args.seeds)
+    if not runs:
+        raise SystemExit(f"No finished runs in {args.out}; see the .log files in {args.out / 'runs'}")
+    write_csv(runs, args.out / "evaluations.csv")
+    table = results_table(runs)
+    (args.out / "results.md").write_text(table + "\n")
+    plot_curves(runs, args.out / "curves.png")
+    print(table)
+    print(f"\nwrote {args.out / 'evaluations.csv'}, {args.out / 'results.md'}, {args.out / 'curves.png'}")
+
+
+if __name__ == "__main__":
+    main()

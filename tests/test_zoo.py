@@ -1,0 +1,112 @@
+"""The RL Zoo entry point: registration, our YAML, train/enjoy/optimize through the zoo, the grid benchmark."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from sb3_dreamer import Dreamer
+from sb3_dreamer.zoo import convert_dreamer_params, default_config_path, register, sample_dreamer_params, with_default_config
+
+TINY = "policy_kwargs:dict(deter=32,hidden=16,units=16,stoch=4,classes=4,blocks=2)"
+ZOO_KEYS = {"n_timesteps", "policy", "normalize", "n_envs", "env_wrapper", "frame_stack", "callback"}
+
+
+def zoo(*args: str, cwd: Path, timeout: int = 300) -> str:
+    """Run ``python -m sb3_dreamer.zoo ARGS`` in a fresh process (the zoo parses sys.argv and keeps globals)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "sb3_dreamer.zoo", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_register_keeps_the_zoos_own_algorithms():
+    from rl_zoo3 import hyperparams_opt, utils
+
+    before = dict(utils.ALGOS), dict(hyperparams_opt.HYPERPARAMS_SAMPLER)
+    register()
+    register()  # idempotent
+    assert utils.ALGOS["dreamer"] is Dreamer
+    assert {k: v for k, v in utils.ALGOS.items() if k != "dreamer"} == {k: v for k, v in before[0].items() if k != "dreamer"}
+    assert hyperparams_opt.HYPERPARAMS_SAMPLER["ppo"] is before[1]["ppo"]
+    assert hyperparams_opt.HYPERPARAMS_SAMPLER["dreamer"] is sample_dreamer_params
+
+
+def test_default_config_is_added_only_for_dreamer():
+    assert with_default_config(["--algo", "dreamer", "--env", "CartPole-v1"])[-2:] == ["--conf-file", str(default_config_path())]
+    assert with_default_config(["--algo", "ppo", "--env", "CartPole-v1"]) == ["--algo", "ppo", "--env", "CartPole-v1"]
+    mine = ["--algo", "dreamer", "--conf-file", "mine.yml"]
+    assert with_default_config(mine) == mine
+
+
+def test_repository_yaml_is_the_packaged_one():
+    repo_yaml = Path(__file__).parent.parent / "hyperparams" / "dreamer.yml"
+    assert repo_yaml.read_text() == default_config_path().read_text()
+
+
+@pytest.mark.parametrize("env_id", [k for k in yaml.safe_load(default_config_path().read_text()) if k != "default"])
+def test_every_yaml_entry_builds_a_model(env_id):
+    import rl_zoo3.import_envs  # noqa: F401  (registers the NoVel envs)
+
+    hyperparams = yaml.safe_load(default_config_path().read_text())[env_id]
+    assert "n_timesteps" in hyperparams
+    kwargs = {k: v for k, v in hyperparams.items() if k not in ZOO_KEYS}
+    model = Dreamer(hyperparams["policy"], env_id, **kwargs)
+    assert model.policy is not None
+
+
+def test_optuna_sampler_gives_valid_dreamer_kwargs():
+    import optuna
+
+    trial = optuna.trial.FixedTrial(
+        dict(size="size400k", learning_rate=1e-4, train_ratio=128, batch_size=8, sequence_length=16, imagination_horizon=8,
+             imagination_starts=64, entropy_coef=1e-3, return_lambda=0.95)
+    )  # fmt: skip
+    kwargs = sample_dreamer_params(trial, n_actions=1, n_envs=1, additional_args={})
+    assert kwargs["policy_kwargs"] == {"size": "size400k"} and "size" not in kwargs
+    Dreamer("MlpLatentPolicy", "Pendulum-v1", **kwargs)
+    assert convert_dreamer_params({"size": "size1m", "train_ratio": 64}) == {"train_ratio": 64, "policy_kwargs": {"size": "size1m"}}
+
+
+def test_train_and_enjoy_through_the_zoo(tmp_path):
+    common = ["--env", "CartPole-v1", "-n", "300", "--eval-freq", "150", "--eval-episodes", "2", "--n-eval-envs", "1",
+              "--seed", "0", "--device", "cpu", "-f", "logs"]  # fmt: skip
+    zoo("train", "--algo", "dreamer", *common, "-params", "learning_starts:100", "train_ratio:16", TINY, cwd=tmp_path)
+    zoo("train", "--algo", "ppo", *common, cwd=tmp_path)
+    data = np.load(tmp_path / "logs" / "dreamer" / "CartPole-v1_1" / "evaluations.npz")
+    assert list(data["timesteps"]) == [150, 300] and data["results"].shape == (2, 2)
+    data = np.load(tmp_path / "logs" / "ppo" / "CartPole-v1_1" / "evaluations.npz")  # 8 envs: every 18 x 8 steps
+    assert len(data["timesteps"]) >= 2 and data["results"].shape[1] == 2
+    out = zoo("enjoy", "--algo", "dreamer", "--env", "CartPole-v1", "-f", "logs", "-n", "60", "--no-render", "--device", "cpu", cwd=tmp_path)
+    assert "Episode Reward" in out
+
+
+def test_optimize_with_sqlite_storage(tmp_path):
+    zoo("train", "--algo", "dreamer", "--env", "CartPole-v1", "-optimize", "--n-trials", "1", "--n-jobs", "1",
+        "-n", "120", "--n-evaluations", "1", "--eval-episodes", "1", "--device", "cpu", "--storage", "sqlite:///study.db",
+        "--study-name", "tiny", "-params", "learning_starts:60", TINY, cwd=tmp_path)  # fmt: skip
+    import optuna
+
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    assert len(study.trials) == 1 and "train_ratio" in study.trials[0].params
+
+
+def test_grid_benchmark_writes_csv_table_and_png(tmp_path):
+    out = zoo("benchmark", "--algos", "dreamer", "ppo", "--envs", "CartPole-v1", "--seeds", "0", "--n-timesteps", "200",
+              "--eval-freq", "100", "--eval-episodes", "2", "--device", "cpu", "--out", "bench",
+              "--params", "learning_starts:80", "train_ratio:16", TINY, cwd=tmp_path)  # fmt: skip
+    bench = tmp_path / "bench"
+    csv_lines = (bench / "evaluations.csv").read_text().splitlines()
+    assert csv_lines[0] == "algo,env,seed,timesteps,mean_return,std_return" and len(csv_lines) == 1 + 2 * 2
+    table = (bench / "results.md").read_text()
+    assert "| dreamer | CartPole-v1 (475) |" in table and "| ppo | CartPole-v1 (475) |" in table and "IQM" in table
+    assert (bench / "curves.png").stat().st_size > 10_000
+    again = zoo("benchmark", "--algos", "dreamer", "ppo", "--envs", "CartPole-v1", "--seeds", "0", "--n-timesteps", "200",
+                "--eval-freq", "100", "--eval-episodes", "2", "--out", "bench", cwd=tmp_path)  # fmt: skip
+    assert "0 run(s) to do, 2 already done" in again and "started" not in again and "started" in out
