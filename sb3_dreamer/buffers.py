@@ -34,11 +34,25 @@ from stable_baselines3.common.utils import get_device
 from sb3_dreamer.type_aliases import SequenceSamples
 
 
-def action_vector_dim(action_space: spaces.Space) -> int:
-    """Size of the action vector the world model sees: one-hot for Discrete, flat otherwise."""
+def action_classes(action_space: spaces.Space) -> list[int] | None:
+    """Class counts of the categorical components of a discrete action space, None for Box.
+
+    Discrete(n) -> [n]; MultiDiscrete(nvec) -> list(nvec); MultiBinary(n) -> [2] * n (each bit a
+    two-class categorical). Their action vectors are the components' one-hots, concatenated.
+    """
     if isinstance(action_space, spaces.Discrete):
-        return int(action_space.n)
-    return get_action_dim(action_space)
+        return [int(action_space.n)]
+    if isinstance(action_space, spaces.MultiDiscrete):
+        return [int(n) for n in np.asarray(action_space.nvec).flatten()]
+    if isinstance(action_space, spaces.MultiBinary):
+        return [2] * int(np.prod(action_space.shape))
+    return None
+
+
+def action_vector_dim(action_space: spaces.Space) -> int:
+    """Size of the action vector the world model sees: concatenated one-hots for discrete kinds, flat otherwise."""
+    classes = action_classes(action_space)
+    return sum(classes) if classes is not None else get_action_dim(action_space)
 
 
 class SequenceReplayBuffer:

@@ -40,8 +40,10 @@ SelfDreamer = TypeVar("SelfDreamer", bound="Dreamer")
 
 def check_spaces(observation_space: spaces.Space, action_space: spaces.Space) -> None:
     """Raise ValueError naming the space when Dreamer cannot handle it."""
-    if not isinstance(action_space, (spaces.Box, spaces.Discrete)):
-        raise ValueError(f"Dreamer supports Box (bounded) and Discrete action spaces, got {action_space}")
+    if not isinstance(action_space, (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)):
+        raise ValueError(
+            f"Dreamer supports Box (bounded), Discrete, MultiDiscrete and MultiBinary action spaces, got {action_space}"
+        )
     if isinstance(action_space, spaces.Box) and not np.all(np.isfinite([action_space.low, action_space.high])):
         raise ValueError(f"Dreamer needs finite bounds on Box action spaces, got {action_space}; wrap the env to bound them")
     if not isinstance(observation_space, spaces.Box):
@@ -73,7 +75,7 @@ class Dreamer(BaseAlgorithm):
     :param actor_gradient: how the actor learns from imagined returns: "reinforce" (DreamerV3 2024,
         log-prob times advantage), "dynamics" (backpropagate the returns through the world model,
         DreamerV1 and DreamerV3 2023 for continuous actions), or "auto": "dynamics" for Box actions,
-        "reinforce" for Discrete ones
+        "reinforce" for Discrete, MultiDiscrete and MultiBinary ones
     :param entropy_coef: actor entropy bonus
     :param critic_ema_rate: rate of the slow critic's EMA towards the critic, per update
     :param replay_value_scale: weight of the critic loss on real replayed sequences

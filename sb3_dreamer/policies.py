@@ -18,7 +18,7 @@ from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.preprocessing import get_flattened_obs_dim
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 
-from sb3_dreamer.buffers import action_vector_dim
+from sb3_dreamer.buffers import action_classes, action_vector_dim
 from sb3_dreamer.networks.actor_critic import Actor, Critic
 from sb3_dreamer.networks.world_model import WorldModel
 from sb3_dreamer.optimizers import LaProp
@@ -30,7 +30,7 @@ class DreamerPolicy(BasePolicy):
     """Policy holding the whole Dreamer agent.
 
     :param observation_space: vector Box observation space
-    :param action_space: Discrete or bounded Box action space
+    :param action_space: Discrete, MultiDiscrete, MultiBinary or bounded Box action space
     :param lr_schedule: learning rate schedule (of the single optimiser)
     :param size: size preset name (see :mod:`sb3_dreamer.presets`)
     :param deter: deterministic state size D (None: from the preset)
@@ -85,7 +85,8 @@ class DreamerPolicy(BasePolicy):
             stoch=stoch, blocks=blocks, unimix=unimix, actor_layers=actor_layers, critic_layers=critic_layers,
             free_bits=free_bits, dyn_scale=dyn_scale, rep_scale=rep_scale,
         )  # fmt: skip
-        self.discrete = isinstance(action_space, spaces.Discrete)
+        self.action_classes = action_classes(action_space)
+        self.discrete = self.action_classes is not None
         self.action_dim = action_vector_dim(action_space)
         self.world_model = WorldModel(
             get_flattened_obs_dim(observation_space),
@@ -102,7 +103,7 @@ class DreamerPolicy(BasePolicy):
             unimix=unimix,
         )
         feat_dim = self.world_model.rssm.feat_dim
-        self.actor = Actor(feat_dim, self.action_dim, self.discrete, units=sizes["units"], layers=actor_layers)
+        self.actor = Actor(feat_dim, self.action_dim, self.action_classes, units=sizes["units"], layers=actor_layers)
         self.critic = Critic(feat_dim, units=sizes["units"], layers=critic_layers)
         self.critic_slow = Critic(feat_dim, units=sizes["units"], layers=critic_layers)
         self.critic_slow.load_state_dict(self.critic.state_dict())
@@ -159,15 +160,21 @@ class DreamerPolicy(BasePolicy):
 
     def random_action(self, n: int) -> th.Tensor:
         """Uniformly random normalised actions [n, A] (exploration before ``learning_starts``)."""
-        if self.discrete:
-            index = th.randint(self.action_dim, (n,), device=self.device)
-            return th.nn.functional.one_hot(index, self.action_dim).float()
+        if self.action_classes is not None:
+            parts = [th.nn.functional.one_hot(th.randint(k, (n,), device=self.device), k) for k in self.action_classes]
+            return th.cat(parts, -1).float()
         return th.rand(n, self.action_dim, device=self.device) * 2.0 - 1.0
 
     def to_env_action(self, action: np.ndarray) -> np.ndarray:
         """Normalised actions [n, A] -> actions of the env's action space [n, ...]."""
-        if self.discrete:
-            return action.argmax(-1)
+        if self.action_classes is not None:
+            bounds = np.cumsum([0, *self.action_classes])
+            index = np.stack([action[:, a:b].argmax(-1) for a, b in zip(bounds[:-1], bounds[1:])], -1)  # [n, groups]
+            if isinstance(self.action_space, spaces.Discrete):
+                return index[:, 0] + int(self.action_space.start)
+            if isinstance(self.action_space, spaces.MultiDiscrete):
+                index = index.reshape((-1, *self.action_space.shape)) + np.asarray(self.action_space.start)
+            return index.reshape((-1, *self.action_space.shape)).astype(self.action_space.dtype)
         assert isinstance(self.action_space, spaces.Box)
         low, high = self.action_space.low, self.action_space.high
         action = np.clip(action, -1.0, 1.0).reshape((-1, *self.action_space.shape))

@@ -91,6 +91,7 @@ class SpaceEnv(gym.Env):
         return self.observation_space.sample(), {}
 
     def step(self, action):
+        assert self.action_space.contains(action), f"{action!r} is not in {self.action_space}"
         return self.observation_space.sample(), 0.0, False, False, {}
 
 

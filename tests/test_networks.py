@@ -188,6 +188,26 @@ def test_one_hot_categorical_sampling_frequencies():
     th.testing.assert_close(samples.mean(0), probs, atol=0.02, rtol=0)
 
 
+@pytest.mark.parametrize("classes", [[2, 3], [4, 4, 4]])
+def test_multi_group_categorical_is_a_product_of_independent_categoricals(classes):
+    th.manual_seed(0)
+    logits = th.randn(6, sum(classes), requires_grad=True)
+    ours = OneHotCategorical(logits, classes)
+    parts = [D.OneHotCategorical(logits=x) for x in logits.split(classes, -1)]
+    action = th.cat([d.sample() for d in parts], -1)
+    th.testing.assert_close(ours.log_prob(action), sum(d.log_prob(a) for d, a in zip(parts, action.split(classes, -1))))
+    th.testing.assert_close(ours.entropy(), sum(d.entropy() for d in parts))
+    mode = th.cat([th.nn.functional.one_hot(x.argmax(-1), x.shape[-1]).float() for x in logits.split(classes, -1)], -1)
+    th.testing.assert_close(ours.mode(), mode)
+    sample = ours.sample()
+    for group in sample.split(classes, -1):  # one one-hot per group
+        th.testing.assert_close(group.detach().sum(-1), th.ones(6))
+        assert set(group.detach().round().unique().tolist()) <= {0.0, 1.0}
+        assert (group.detach() - group.detach().round()).abs().max() < 1e-6
+    sample.sum().backward()  # straight-through: the gradient of the probabilities
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
 def test_bounded_normal_matches_torch():
     th.manual_seed(0)
     raw = th.randn(4, 6) * 3

@@ -64,6 +64,24 @@ def test_smoke_learn_matrix_spaces():
     assert action.shape == (2, 2) and action_space.contains(action)
 
 
+@pytest.mark.parametrize(
+    "action_space",
+    [spaces.Discrete(3, start=-1), spaces.MultiDiscrete([2, 3]), spaces.MultiDiscrete([4, 4, 4]), spaces.MultiBinary(3)],
+    ids=["discrete-start", "multidiscrete", "multidiscrete-equal", "multibinary"],
+)
+def test_smoke_learn_discrete_action_kinds(action_space):
+    env = SpaceEnv(VECTOR_OBS, action_space)
+    model = make_model(env, learning_starts=20, seed=0)
+    model.learn(50)
+    assert model._n_updates > 0 and not model.backprop_actor
+    assert model.replay_buffer.actions.shape[-1] == model.policy.action_dim
+    for deterministic in (False, True):
+        action, _ = model.predict(VECTOR_OBS.sample(), deterministic=deterministic)
+        assert action_space.contains(action), (action, action_space)
+    actions, _ = model.predict(np.stack([VECTOR_OBS.sample() for _ in range(4)]))
+    assert all(action_space.contains(a) for a in actions)
+
+
 def test_smoke_learn_progress_bar():
     make_model("Pendulum-v1", learning_starts=20).learn(40, progress_bar=True)
 
@@ -114,14 +132,14 @@ def test_learning_rate_schedule():
 @pytest.mark.parametrize(
     "env, space_name",
     [
-        (IdentityEnvMultiDiscrete(dim=2), "MultiDiscrete"),
+        (IdentityEnvMultiDiscrete(dim=2), "MultiDiscrete"),  # as observations
         (IdentityEnvMultiBinary(dim=2), "MultiBinary"),
         (SpaceEnv(VECTOR_OBS, spaces.Tuple([spaces.Discrete(2), spaces.Discrete(3)])), "Tuple"),
         (SpaceEnv(VECTOR_OBS, spaces.Box(-np.inf, np.inf, shape=(2,), dtype=np.float32)), "Box"),
         (SimpleMultiObsEnv(), "Dict"),
         (FakeImageEnv(screen_height=40, screen_width=40, n_channels=2), "Box"),
     ],
-    ids=["multidiscrete-action", "multibinary-action", "tuple-action", "unbounded-box-action", "dict-obs", "image-obs"],
+    ids=["multidiscrete-obs", "multibinary-obs", "tuple-action", "unbounded-box-action", "dict-obs", "image-obs"],
 )
 def test_unsupported_spaces_raise(env, space_name):
     with pytest.raises(ValueError, match=space_name):

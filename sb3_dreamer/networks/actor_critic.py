@@ -18,17 +18,18 @@ from sb3_dreamer.networks.layers import MLP
 class Actor(nn.Module):
     """Policy head: feat [..., F] -> action distribution over [..., A].
 
-    :param discrete: categorical (one-hot actions) if True, bounded normal otherwise
+    :param classes: class counts of the categorical components (one-hot actions), or None for a
+        bounded normal over A continuous dimensions
     """
 
-    def __init__(self, feat_dim: int, action_dim: int, discrete: bool, units: int = 64, layers: int = 3) -> None:
+    def __init__(self, feat_dim: int, action_dim: int, classes: list[int] | None, units: int = 64, layers: int = 3) -> None:
         super().__init__()
-        self.discrete = discrete
-        self.net = MLP(feat_dim, units, layers, action_dim if discrete else 2 * action_dim, outscale=0.01)
+        self.classes = classes
+        self.net = MLP(feat_dim, units, layers, action_dim if classes is not None else 2 * action_dim, outscale=0.01)
 
     def forward(self, feat: th.Tensor) -> OneHotCategorical | BoundedNormal:
         raw = self.net(feat).float()  # distributions in float32 under bfloat16 autocast
-        return OneHotCategorical(raw) if self.discrete else BoundedNormal(raw)
+        return OneHotCategorical(raw, self.classes) if self.classes is not None else BoundedNormal(raw)
 
 
 class Critic(nn.Module):
