@@ -25,6 +25,8 @@ Time alignment (one row per env step, per env column)::
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch as th
 from gymnasium import spaces
@@ -88,6 +90,26 @@ class SequenceReplayBuffer:
         self.pos = np.zeros(n_envs, dtype=np.int64)  # next row to write, per column
         self.count = np.zeros(n_envs, dtype=np.int64)  # rows written, capped at capacity
         self._allocated = False
+        self.warn_if_memory_short()
+
+    def warn_if_memory_short(self) -> None:
+        """Warn, as SB3's replay buffers do, when the full buffer would not fit in the available RAM.
+
+        The arrays are allocated at the first ``add``, and filled as training goes, so a buffer too
+        large for the machine fails late; this says so at construction. Needs psutil (else silent).
+        """
+        try:
+            import psutil
+        except ImportError:
+            return
+        available = psutil.virtual_memory().available
+        if self.nbytes > available:
+            warnings.warn(
+                f"The replay buffer needs {self.nbytes / 1e9:.2f} GB when full ({self.capacity * self.n_envs:,} rows of "
+                f"{self.nbytes // (self.capacity * self.n_envs)} bytes) but this system has {available / 1e9:.2f} GB "
+                "available: lower buffer_size",
+                stacklevel=3,
+            )
 
     def _allocate(self) -> None:
         shape = (self.capacity, self.n_envs)

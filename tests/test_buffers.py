@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch as th
@@ -305,3 +307,14 @@ def test_dreamer_with_replay_context_stores_and_uses_latents():
     samples = buffer.sample(model.batch_size, model.sequence_length)
     assert samples.context_deter is not None and samples.context_deter.shape == (model.batch_size, buffer.latent_dims[0])
     assert make_model("CartPole-v1").replay_buffer.latent_dims is None
+
+
+def test_warns_when_the_full_buffer_would_not_fit_in_memory():
+    psutil = pytest.importorskip("psutil")
+    obs = spaces.Box(-1.0, 1.0, shape=(4,), dtype=np.float32)
+    rows = int(2 * psutil.virtual_memory().available / (4 * (4 + 2 + 1) + 3)) + 1
+    with pytest.warns(UserWarning, match="lower buffer_size"):
+        SequenceReplayBuffer(rows, obs, spaces.Discrete(2), device="cpu")  # allocated lazily: nothing is used yet
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SequenceReplayBuffer(1_000, obs, spaces.Discrete(2), device="cpu")
