@@ -19,6 +19,7 @@ from stable_baselines3.common.preprocessing import get_flattened_obs_dim
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 
 from sb3_dreamer.buffers import action_classes, action_vector_dim
+from sb3_dreamer.dreams import Dream, dream
 from sb3_dreamer.networks.actor_critic import Actor, Critic
 from sb3_dreamer.networks.world_model import WorldModel
 from sb3_dreamer.optimizers import LaProp
@@ -229,6 +230,11 @@ class DreamerPolicy(BasePolicy):
 
     def forward(self, obs: th.Tensor, deterministic: bool = False) -> th.Tensor:
         return self._predict(obs, deterministic)
+
+    def dream(self, observations: np.ndarray, actions: np.ndarray, context: int = 5) -> Dream:
+        """The world model's open-loop predictions after ``context`` observed steps of a real
+        sequence (observations [B, T, O], action vectors [B, T, A]); see :mod:`sb3_dreamer.dreams`."""
+        return dream(self, observations, actions, context)
 
     # ------------------------------------------------------------------------------ imagination
     def imagine(self, deter: th.Tensor, stoch: th.Tensor, horizon: int, backprop: bool = False) -> Trajectory:

@@ -1,0 +1,70 @@
+"""Seeing the dreams: open-loop predictions, the PNG helper and the TensorBoard callback."""
+
+import struct
+
+import numpy as np
+import pytest
+import torch as th
+
+from sb3_dreamer.dreams import DreamCallback, plot_dream
+
+from .helpers import make_model
+
+
+def _sequence(model, steps=12):
+    model.learn(120)
+    data = model.replay_buffer.sample(1, steps)
+    return data.observations.numpy(), data.actions.numpy(), data.rewards.numpy()
+
+
+def test_dream_shapes_and_open_loop():
+    model = make_model("CartPole-v1", seed=0)
+    obs, actions, _ = _sequence(model)
+    th.manual_seed(0)  # latents are sampled: compare dreams under the same seed
+    predicted = model.policy.dream(obs, actions, context=4)
+    assert predicted.observations.shape == (1, 8, 4) and predicted.rewards.shape == predicted.continues.shape == (1, 8)
+    assert ((predicted.continues >= 0) & (predicted.continues <= 1)).all()
+    # Open loop: observations after the context are never read; the actions are.
+    changed_obs = obs.copy()
+    changed_obs[:, 4:] += 10.0
+    th.manual_seed(0)
+    np.testing.assert_allclose(model.policy.dream(changed_obs, actions, 4).observations, predicted.observations)
+    changed_actions = actions.copy()
+    changed_actions[:, 5:] = 1.0 - changed_actions[:, 5:]
+    th.manual_seed(0)
+    a = model.policy.dream(obs, actions, 4).observations
+    th.manual_seed(0)
+    b = model.policy.dream(obs, changed_actions, 4).observations
+    assert not np.allclose(a[:, 2:], b[:, 2:])
+    # 2-D input is one sequence.
+    assert model.policy.dream(obs[0], actions[0], 4).observations.shape == (1, 8, 4)
+
+
+def test_dream_checks_its_inputs():
+    model = make_model("CartPole-v1", seed=0)
+    obs, actions, _ = _sequence(model)
+    with pytest.raises(ValueError, match="context"):
+        model.policy.dream(obs, actions, context=12)
+    with pytest.raises(ValueError, match="actions"):
+        model.policy.dream(obs, actions[:, :5], context=2)
+
+
+def test_plot_dream_writes_a_png_of_the_expected_size(tmp_path):
+    model = make_model("CartPole-v1", seed=0)
+    obs, actions, rewards = _sequence(model)
+    path = plot_dream(tmp_path / "dream.png", obs, model.policy.dream(obs, actions, 4), 4, rewards=rewards)
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", header[16:24])
+    assert (width, height) == (1280, 480)  # 4 observation panels + rewards: 4 x 2 panels of 3.2 x 2.4 in at 100 dpi
+
+
+def test_dream_callback_logs_a_picture_to_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = make_model("CartPole-v1", seed=0, tensorboard_log=str(tmp_path))
+    model.learn(160, callback=DreamCallback(log_freq=80, sequence_length=12, context=4), log_interval=1)
+    runs = list(tmp_path.iterdir())
+    events = EventAccumulator(str(runs[0]), size_guidance={"images": 0}).Reload()
+    assert "dream/predictions" in events.Tags()["images"]
