@@ -182,6 +182,7 @@ class Dreamer(BaseAlgorithm):
         self.precision = precision
         self.compile_steps = compile_steps
         self._captured_update: CapturedUpdate | None = None
+        self._check_speed_options(policy_kwargs or {})
         self.replay_buffer_kwargs = replay_buffer_kwargs or {}
         self._update_credit = 0.0  # gradient updates owed to the env steps collected so far
         self._last_latent: LatentState | None = None
@@ -215,24 +216,30 @@ class Dreamer(BaseAlgorithm):
         )  # fmt: skip
         self._last_latent = None
         self._captured_update = None
-        if self.cuda_graph and self.device.type != "cuda":
-            raise ValueError(f"cuda_graph=True needs a CUDA device, got device={self.device}; pass cuda_graph=None or False")
-        if self.cuda_graph and not isinstance(self.policy.optimizer, LaProp):
-            raise ValueError(
-                f"cuda_graph=True needs the default optimiser LaProp (step count and learning rate on the device), "
-                f"got {type(self.policy.optimizer).__name__}; pass cuda_graph=False"
-            )
         if self.compile_steps or (self.compile_steps is None and self.uses_cuda_graph):
             self.policy.compile_steps()
+
+    def _check_speed_options(self, policy_kwargs: dict[str, Any]) -> None:
+        """Refuse, at construction, speed options this device or optimiser cannot honour. (A model
+        saved with ``cuda_graph=True`` still loads on a CPU: there it simply runs eagerly.)"""
+        optimizer_class = policy_kwargs.get("optimizer_class", LaProp)
+        if self.cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs a CUDA device, got device={self.device}; pass cuda_graph=None or False")
+        if self.cuda_graph and not (isinstance(optimizer_class, type) and issubclass(optimizer_class, LaProp)):
+            raise ValueError(
+                "cuda_graph=True needs the default optimiser LaProp (step count and learning rate on the device), "
+                f"got {optimizer_class}; pass cuda_graph=False"
+            )
         if self.precision == "bfloat16" and self.device.type == "cuda" and not th.cuda.is_bf16_supported():
             raise ValueError(f"precision='bfloat16' is not supported by {th.cuda.get_device_name(self.device)}; use 'float32'")
 
     @property
     def uses_cuda_graph(self) -> bool:
-        """Whether updates replay a captured CUDA graph (``cuda_graph``, resolved for the device)."""
-        if self.cuda_graph is None:
-            return self.device.type == "cuda" and isinstance(self.policy.optimizer, LaProp)
-        return self.cuda_graph
+        """Whether updates replay a captured CUDA graph: ``cuda_graph`` (None or True) on a CUDA
+        device with LaProp; eager everywhere else."""
+        return (
+            self.cuda_graph is not False and self.device.type == "cuda" and isinstance(self.policy.optimizer, LaProp)
+        )
 
     @property
     def autocast_dtype(self) -> th.dtype | None:

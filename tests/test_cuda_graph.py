@@ -95,3 +95,14 @@ def test_cuda_graph_option_is_checked():
         Dreamer("MlpLatentPolicy", "CartPole-v1", device="cpu", cuda_graph=True)
     with pytest.raises(ValueError, match="precision"):
         Dreamer("MlpLatentPolicy", "CartPole-v1", precision="float16")
+
+
+def test_model_saved_with_cuda_graph_loads_and_learns_on_cpu(tmp_path):
+    model = _model("cpu")
+    model.cuda_graph = True  # as if trained on a GPU with cuda_graph=True
+    model.save(tmp_path / "gpu_model")
+    loaded = Dreamer.load(tmp_path / "gpu_model", env=model.get_env(), device="cpu")
+    assert loaded.cuda_graph is True and not loaded.uses_cuda_graph
+    loaded.learning_starts, loaded.train_ratio = 0, 32  # one update per env step
+    loaded.learn(40, reset_num_timesteps=False)
+    assert loaded._n_updates > 0
