@@ -515,7 +515,7 @@ class Dreamer(BaseAlgorithm):
             "imagined_reward": reward.mean(),
             "imagined_cont": cont.mean(),
         }
-        return loss, {k: v.float() for k, v in metrics.items()}, wm_out
+        return loss, {k: v.detach().float() for k, v in metrics.items()}, wm_out
 
     def dump_logs(self) -> None:
         """Write rollout and time statistics, as SB3's off-policy algorithms do."""
