@@ -11,6 +11,7 @@ from sb3_dreamer.functional import (
     categorical_kl,
     kl_free_bits,
     lambda_return,
+    quantiles,
     symexp,
     symlog,
     twohot,
@@ -199,3 +200,14 @@ def test_unimix_logits(unimix):
 def test_unimix_zero_is_log_softmax():
     logits = th.randn(3, 5)
     th.testing.assert_close(unimix_logits(logits, 0.0), th.log_softmax(logits, -1))
+
+
+def test_quantiles_by_hand_and_against_torch():
+    # 0..10: the 5th percentile sits at position 0.5 (between 0 and 1), the 95th at 9.5.
+    th.testing.assert_close(quantiles(th.arange(11.0), (0.05, 0.95)), th.tensor([0.5, 9.5]))
+    th.testing.assert_close(quantiles(th.tensor([3.0]), (0.0, 0.5, 1.0)), th.tensor([3.0, 3.0, 3.0]))
+    x = th.randn(7, 13, generator=th.Generator().manual_seed(0))
+    qs = (0.0, 0.05, 0.5, 0.95, 1.0)
+    th.testing.assert_close(quantiles(x, qs), th.quantile(x.flatten(), th.tensor(qs)))
+    with pytest.raises(ValueError, match="quantiles"):
+        quantiles(x, (1.5,))
