@@ -76,9 +76,9 @@ def run_one(env_id: str, seed: int, steps: int, out: Path, kwargs: dict, eval_fr
     return record
 
 
-def first_solved(record: dict, threshold: float) -> int | None:
-    """Index of the first evaluation at or above the threshold (None if never)."""
-    return next((i for i, r in enumerate(record["eval_returns"]) if r >= threshold), None)
+def first_solved(returns: list[float], threshold: float) -> int | None:
+    """Index of the first evaluation return at or above the threshold (None if never)."""
+    return next((i for i, r in enumerate(returns) if r >= threshold), None)
 
 
 def table(records: list[dict]) -> str:
@@ -91,7 +91,7 @@ def table(records: list[dict]) -> str:
     for env_id in sorted({r["env"] for r in records}):
         runs = sorted((r for r in records if r["env"] == env_id), key=lambda r: r["seed"])
         thr = THRESHOLDS.get(env_id, float("inf"))
-        first = [first_solved(r, thr) for r in runs]
+        first = [first_solved(r["eval_returns"], thr) for r in runs]
         steps = [np.inf if i is None else r["eval_timesteps"][i] for r, i in zip(runs, first)]
         clock = [np.inf if i is None else r["eval_wall_clock_s"][i] for r, i in zip(runs, first)]
         stays = sum(i is not None and min(r["eval_returns"][i:]) >= thr for r, i in zip(runs, first))

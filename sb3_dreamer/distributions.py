@@ -1,5 +1,7 @@
 """Action distributions of the actor, in the normalised action space the world model sees.
 
+- :func:`sample_onehot`: the straight-through Gumbel-max one-hot sample shared by the actor and the
+  RSSM's categorical latents.
 - :class:`OneHotCategorical` for ``Discrete``, ``MultiDiscrete`` and ``MultiBinary`` actions: actions
   are (concatenated) one-hot vectors [..., A].
 - :class:`BoundedNormal` for ``Box`` actions: mean ``tanh(x)``, std ``(1 - min_std) * sigmoid(x + 2) + min_std``;
@@ -15,6 +17,26 @@ import math
 
 import torch as th
 import torch.nn.functional as F
+
+
+def sample_onehot(log_probs: th.Tensor, deterministic: bool = False) -> th.Tensor:
+    """Straight-through one-hot sample of categoricals given as log-probs [..., K]: [..., K].
+
+    The forward value is a one-hot vector (argmax when ``deterministic``), the gradient that of the
+    probabilities. Sampling uses the Gumbel-max trick, cheaper than ``multinomial`` on CPU; the
+    one-hot is taken as "equals the maximum" (ties have probability zero under the Gumbel noise),
+    3x cheaper on CPU than ``argmax`` + ``one_hot`` over a few classes.
+    """
+    if deterministic:
+        onehot = F.one_hot(log_probs.argmax(-1), log_probs.shape[-1]).to(log_probs.dtype)
+    else:
+        uniform = th.rand_like(log_probs).clamp_(1e-20, 1.0)
+        perturbed = log_probs.detach() - th.log(-th.log(uniform))
+        onehot = (perturbed == perturbed.amax(-1, keepdim=True)).to(log_probs.dtype)
+    if not log_probs.requires_grad:
+        return onehot
+    probs = log_probs.exp()
+    return onehot + probs - probs.detach()
 
 
 class OneHotCategorical:
@@ -41,12 +63,10 @@ class OneHotCategorical:
 
     def sample(self) -> th.Tensor:
         """One-hot sample per group with a straight-through gradient (that of the probabilities)."""
+        if len(self.classes) == 1:
+            return sample_onehot(self.log_probs)
         uniform = th.rand_like(self.log_probs).clamp_(1e-20, 1.0)
-        perturbed = self.log_probs.detach() - th.log(-th.log(uniform))  # Gumbel-max
-        if len(self.classes) == 1:  # "equals the maximum": 3x cheaper than argmax + one_hot on CPU
-            onehot = (perturbed == perturbed.amax(-1, keepdim=True)).to(self.log_probs.dtype)
-        else:
-            onehot = self._onehot_max(perturbed)
+        onehot = self._onehot_max(self.log_probs.detach() - th.log(-th.log(uniform)))  # Gumbel-max per group
         if not self.log_probs.requires_grad:
             return onehot
         probs = self.log_probs.exp()

@@ -31,14 +31,14 @@ from pathlib import Path
 
 import numpy as np
 
+from sb3_dreamer import benchmark
 from sb3_dreamer.launcher import Job, run_jobs
 
 # Solved thresholds (mean evaluation return) and the return of a uniformly random policy, which
 # together normalise scores to [random = 0, solved = 1] for the aggregate over envs.
 THRESHOLDS = {
-    "CartPole-v1": 475.0,
+    **benchmark.THRESHOLDS,  # CartPole-v1, Pendulum-v1
     "CartPoleNoVel-v1": 475.0,
-    "Pendulum-v1": -200.0,
     "PendulumNoVel-v1": -200.0,
     "LunarLander-v3": 200.0,
     "LunarLanderContinuous-v3": 200.0,
@@ -87,9 +87,10 @@ def load_runs(out: Path, algos: list[str], envs: list[str], seeds: list[int]) ->
     return runs
 
 
-def first_solved(timesteps: list[int], returns: list[float], threshold: float) -> float:
+def steps_to_solve(timesteps: list[int], returns: list[float], threshold: float) -> float:
     """Env steps of the first evaluation at or above ``threshold`` (inf if none)."""
-    return next((float(t) for t, r in zip(timesteps, returns) if r >= threshold), float("inf"))
+    index = benchmark.first_solved(returns, threshold)
+    return float("inf") if index is None else float(timesteps[index])
 
 
 def iqm_interval(scores: np.ndarray, reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
@@ -131,7 +132,7 @@ def results_table(runs: list[dict]) -> str:
             group = sorted((r for r in runs if r["algo"] == algo and r["env"] == env_id), key=lambda r: r["seed"])
             if not group:
                 continue
-            steps = [first_solved(r["timesteps"], r["mean"], threshold) for r in group]
+            steps = [steps_to_solve(r["timesteps"], r["mean"], threshold) for r in group]
             finals = np.array([[r["mean"][-1]] for r in group])
             iqm, low, high = iqm_interval(finals)
             lines.append(

@@ -16,28 +16,9 @@ import torch as th
 import torch.nn.functional as F
 from torch import nn
 
+from sb3_dreamer.distributions import sample_onehot
 from sb3_dreamer.functional import unimix_logits
 from sb3_dreamer.networks.layers import MLP, BlockLinear, Linear, NormLinear, RMSNorm, init_linear_
-
-
-def sample_onehot(log_probs: th.Tensor, deterministic: bool = False) -> th.Tensor:
-    """Straight-through one-hot sample of categoricals given as log-probs [..., K]: [..., K].
-
-    The forward value is a one-hot vector (argmax when ``deterministic``), the gradient that of the
-    probabilities. Sampling uses the Gumbel-max trick, cheaper than ``multinomial`` on CPU; the
-    one-hot is taken as "equals the maximum" (ties have probability zero under the Gumbel noise),
-    3x cheaper on CPU than ``argmax`` + ``one_hot`` over a few classes.
-    """
-    if deterministic:
-        onehot = F.one_hot(log_probs.argmax(-1), log_probs.shape[-1]).to(log_probs.dtype)
-    else:
-        uniform = th.rand_like(log_probs).clamp_(1e-20, 1.0)
-        perturbed = log_probs.detach() - th.log(-th.log(uniform))
-        onehot = (perturbed == perturbed.amax(-1, keepdim=True)).to(log_probs.dtype)
-    if not log_probs.requires_grad:
-        return onehot
-    probs = log_probs.exp()
-    return onehot + probs - probs.detach()
 
 
 class RSSM(nn.Module):
