@@ -10,7 +10,7 @@ from gymnasium import spaces
 from torch import distributions as D
 
 from sb3_dreamer.distributions import BoundedNormal, OneHotCategorical
-from sb3_dreamer.networks.actor_critic import Critic, update_return_percentiles
+from sb3_dreamer.networks.actor_critic import Critic, critic_loss, update_return_percentiles
 from sb3_dreamer.networks.layers import BlockLinear
 from sb3_dreamer.optimizers import LaProp
 from sb3_dreamer.policies import DreamerPolicy
@@ -106,6 +106,29 @@ def test_rssm_img_step_shapes():
     rssm = make_rssm(E, A)
     deter, stoch = rssm.img_step(th.randn(7, DETER), th.randn(7, STOCH_DIM), th.randn(7, A))
     assert deter.shape == (7, DETER) and stoch.shape == (7, STOCH_DIM)
+
+
+def test_block_gru_core_equals_the_gru_written_per_block():
+    """core() splits the block weights for speed; compare with DreamerV3's GRU written out block by block."""
+    rssm = make_rssm(E, A)
+    for p in rssm.parameters():
+        th.nn.init.normal_(p, std=0.3)  # non-zero biases and norm scales too
+    gen = th.Generator().manual_seed(3)
+    deter, stoch, action = th.randn(5, DETER, generator=gen), th.randn(5, STOCH_DIM, generator=gen), 3 * th.randn(5, A, generator=gen)
+    g, size = rssm.blocks, DETER // rssm.blocks
+    a = action / action.abs().clamp(min=1.0)
+    x = th.cat([rssm.in_deter(deter), rssm.in_stoch(stoch), rssm.in_action(a)], -1)
+    hidden = th.cat(
+        [th.cat([deter[:, i * size : (i + 1) * size], x], -1) @ rssm.gru_hidden.weight[i] for i in range(g)], -1
+    ) + rssm.gru_hidden.bias
+    hidden = th.nn.functional.silu(rssm.gru_norm(hidden))
+    gates = th.cat([hidden[:, i * size : (i + 1) * size] @ rssm.gru_gates.weight[i] for i in range(g)], -1) + rssm.gru_gates.bias
+    reset, cand, update = gates.view(5, g, 3, size).unbind(2)
+    reset, cand, update = (y.reshape(5, DETER) for y in (reset, cand, update))
+    cand = th.tanh(th.sigmoid(reset) * cand)
+    update = th.sigmoid(update - 1.0)
+    expected = update * cand + (1.0 - update) * deter
+    th.testing.assert_close(rssm.core(deter, stoch, action), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_rssm_rejects_indivisible_blocks():
@@ -293,6 +316,14 @@ def test_policy_imagine_shapes(action_space):
     assert traj.actions.shape == (5, 4, action_dim)
     assert traj.log_prob.shape == traj.entropy.shape == (5, 4)
     assert traj.log_prob.requires_grad and not traj.feat.requires_grad
+
+
+def test_critic_loss_is_the_sum_of_both_cross_entropies():
+    critic = Critic(6, units=8, layers=1, num_bins=15)
+    logits = th.randn(4, 3, 15)
+    target, slow = th.randn(4, 3) * 5, th.randn(4, 3) * 5
+    expected = critic.loss(logits, target) + 0.5 * critic.loss(logits, slow)
+    th.testing.assert_close(critic_loss(critic, logits, target, slow, slow_reg=0.5), expected)
 
 
 def test_return_percentiles_ema():

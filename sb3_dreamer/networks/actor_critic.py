@@ -8,10 +8,11 @@ lambda-returns plus a regulariser towards a slow (EMA) copy of itself.
 from __future__ import annotations
 
 import torch as th
+import torch.nn.functional as F
 from torch import nn
 
 from sb3_dreamer.distributions import BoundedNormal, OneHotCategorical
-from sb3_dreamer.functional import quantiles, twohot_bins, twohot_loss, twohot_mean
+from sb3_dreamer.functional import quantiles, twohot, twohot_bins, twohot_loss, twohot_mean
 from sb3_dreamer.networks.layers import MLP
 
 
@@ -74,5 +75,9 @@ def actor_loss(
 def critic_loss(
     critic: Critic, logits: th.Tensor, target: th.Tensor, slow_value: th.Tensor, slow_reg: float = 1.0
 ) -> th.Tensor:
-    """Two-hot CE towards the return ``target`` plus ``slow_reg`` x CE towards the slow critic: [...]."""
-    return critic.loss(logits, target.detach()) + slow_reg * critic.loss(logits, slow_value.detach())
+    """Two-hot CE towards the return ``target`` plus ``slow_reg`` x CE towards the slow critic: [...].
+
+    Both cross-entropies share one log-softmax: ``-(twohot(target) + slow_reg * twohot(slow)) . log p``.
+    """
+    targets = twohot(th.stack([target, slow_value]).detach().to(critic.bins.dtype), critic.bins)
+    return -((targets[0] + slow_reg * targets[1]) * F.log_softmax(logits, dim=-1)).sum(-1)
