@@ -1,8 +1,8 @@
 """sb3-dreamer: DreamerV3 for Stable-Baselines3."""
 
 from sb3_dreamer.dreamer import Dreamer
-from sb3_dreamer.policies import DreamerPolicy, MlpLatentPolicy
+from sb3_dreamer.policies import CnnLatentPolicy, DreamerPolicy, MlpLatentPolicy, MultiInputLatentPolicy
 
 __version__ = "0.1.0"
 
-__all__ = ["Dreamer", "DreamerPolicy", "MlpLatentPolicy", "__version__"]
+__all__ = ["CnnLatentPolicy", "Dreamer", "DreamerPolicy", "MlpLatentPolicy", "MultiInputLatentPolicy", "__version__"]

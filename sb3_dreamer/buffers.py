@@ -15,6 +15,9 @@ Time alignment (one row per env step, per env column)::
   of ``buffer_size // n_envs`` rows, allocated on the first ``add``.
 - Windows never cross a column's write position, may cross episode boundaries (the RSSM resets at
   ``is_first``), and start with ``is_first`` forced to True (each window starts from the zero state).
+- Observations are stored in their space's shape, uint8 where the space is uint8 (images: 1 byte per
+  value, 12,288 bytes for a 3x64x64 frame) and float32 otherwise; a Dict observation as one array
+  per key. Images become floats (and are divided by 255) only on the device, in the encoder.
 - Replay context (``latent_dims`` given, DreamerV3 2024): each row also stores the posterior latent
   (deter, stoch; float16) computed for it while acting, refreshed with the training posterior each
   time the row is replayed (:meth:`update_latents`). A window then starts from the latent of the
@@ -30,10 +33,31 @@ import warnings
 import numpy as np
 import torch as th
 from gymnasium import spaces
-from stable_baselines3.common.preprocessing import get_action_dim, get_flattened_obs_dim
+from stable_baselines3.common.preprocessing import get_action_dim, is_image_space
 from stable_baselines3.common.utils import get_device
 
 from sb3_dreamer.type_aliases import SequenceSamples
+
+
+OBS_KEY = "obs"  # the key a non-Dict observation goes by, where observations are handled per key
+
+
+def observation_subspaces(observation_space: spaces.Space) -> dict[str, spaces.Box]:
+    """The Box parts of an observation space by key: a Dict's subspaces, or ``{OBS_KEY: box}`` for a Box."""
+    if isinstance(observation_space, spaces.Dict):
+        return dict(observation_space.spaces)  # type: ignore[arg-type]
+    return {OBS_KEY: observation_space}  # type: ignore[dict-item]
+
+
+def is_image(space: spaces.Space, normalize_images: bool = True) -> bool:
+    """Whether a Box is seen as an image (channel-first [C, H, W] once SB3 transposed it), as SB3 decides:
+    any 3-D Box when ``normalize_images`` is False, else only uint8 ones with bounds [0, 255]."""
+    return is_image_space(space, check_channels=False, normalized_image=not normalize_images)
+
+
+def storage_dtype(space: spaces.Box) -> type[np.generic]:
+    """dtype an observation is stored in: uint8 for uint8 spaces (images), float32 otherwise."""
+    return np.uint8 if space.dtype == np.uint8 else np.float32
 
 
 def action_classes(action_space: spaces.Space) -> list[int] | None:
@@ -61,7 +85,8 @@ class SequenceReplayBuffer:
     """Replay of env steps, sampled as [B, T] windows.
 
     :param buffer_size: total number of rows over all env columns (each column holds ``buffer_size // n_envs``)
-    :param observation_space: observation space (vector Box)
+    :param observation_space: observation space: Box (vector or image) or Dict of Boxes; observations
+        are stored in their own shape, uint8 for uint8 spaces and float32 otherwise (see module docstring)
     :param action_space: action space (actions are stored as vectors, see :func:`action_vector_dim`)
     :param device: device the sampled tensors are put on
     :param n_envs: number of env columns
@@ -81,7 +106,7 @@ class SequenceReplayBuffer:
             raise ValueError(f"buffer_size={buffer_size} must be at least n_envs={n_envs}")
         self.buffer_size = buffer_size
         self.observation_space, self.action_space = observation_space, action_space
-        self.obs_dim = get_flattened_obs_dim(observation_space)
+        self.obs_spaces = observation_subspaces(observation_space)
         self.action_dim = action_vector_dim(action_space)
         self.device = get_device(device)
         self.n_envs = n_envs
@@ -113,7 +138,10 @@ class SequenceReplayBuffer:
 
     def _allocate(self) -> None:
         shape = (self.capacity, self.n_envs)
-        self.observations = np.zeros((*shape, self.obs_dim), dtype=np.float32)
+        observations = {key: np.zeros((*shape, *sub.shape), dtype=storage_dtype(sub)) for key, sub in self.obs_spaces.items()}
+        self.observations: np.ndarray | dict[str, np.ndarray] = (
+            observations if isinstance(self.observation_space, spaces.Dict) else observations[OBS_KEY]
+        )
         self.actions = np.zeros((*shape, self.action_dim), dtype=np.float32)
         self.rewards = np.zeros(shape, dtype=np.float32)
         self.is_first = np.zeros(shape, dtype=bool)
@@ -127,7 +155,8 @@ class SequenceReplayBuffer:
     @property
     def nbytes(self) -> int:
         """Memory the buffer uses (or will use once allocated), in bytes."""
-        per_row = 4 * (self.obs_dim + self.action_dim + 1) + 3 + (2 * sum(self.latent_dims) if self.latent_dims else 0)
+        obs_bytes = sum(int(np.prod(sub.shape)) * np.dtype(storage_dtype(sub)).itemsize for sub in self.obs_spaces.values())
+        per_row = obs_bytes + 4 * (self.action_dim + 1) + 3 + (2 * sum(self.latent_dims) if self.latent_dims else 0)
         return per_row * self.capacity * self.n_envs
 
     def size(self) -> int:
@@ -136,7 +165,7 @@ class SequenceReplayBuffer:
 
     def add(
         self,
-        obs: np.ndarray,
+        obs: np.ndarray | dict[str, np.ndarray],
         action: np.ndarray,
         reward: np.ndarray,
         is_first: np.ndarray,
@@ -148,7 +177,7 @@ class SequenceReplayBuffer:
     ) -> None:
         """Write one row in each of the given columns (all columns by default).
 
-        :param obs: [n, ...] observations (flattened on write)
+        :param obs: [n, ...] observations, or a dict of them for a Dict space
         :param action: [n, A] normalised action vectors
         :param reward: [n] reward that led to ``obs``
         :param is_first, is_last, is_terminal: [n] bool flags
@@ -159,7 +188,11 @@ class SequenceReplayBuffer:
             self._allocate()
         cols = np.arange(self.n_envs) if env_indices is None else np.asarray(env_indices)
         rows = self.pos[cols]
-        self.observations[rows, cols] = np.asarray(obs, dtype=np.float32).reshape(len(cols), -1)
+        if isinstance(self.observations, dict):
+            for key, stored in self.observations.items():
+                stored[rows, cols] = np.asarray(obs[key]).reshape(len(cols), *stored.shape[2:])  # type: ignore[index]
+        else:
+            self.observations[rows, cols] = np.asarray(obs).reshape(len(cols), *self.observations.shape[2:])
         self.actions[rows, cols] = action
         self.rewards[rows, cols] = reward
         self.is_first[rows, cols] = is_first
@@ -216,7 +249,7 @@ class SequenceReplayBuffer:
                 context_action=as_tensor(self.actions[before, col] * keep),
             )
         return SequenceSamples(
-            observations=as_tensor(self.observations[rows, cols]),
+            observations=self._sample_observations(rows, cols),
             actions=as_tensor(self.actions[rows, cols]),
             rewards=as_tensor(self.rewards[rows, cols]),
             is_first=as_tensor(is_first),
@@ -225,6 +258,12 @@ class SequenceReplayBuffer:
             indices=(rows, cols),
             **context,
         )
+
+    def _sample_observations(self, rows: np.ndarray, cols: np.ndarray) -> th.Tensor | dict[str, th.Tensor]:
+        """Observations of the rows [B, T] (per key for a Dict space), on the device in their stored dtype."""
+        if isinstance(self.observations, dict):
+            return {key: th.as_tensor(stored[rows, cols], device=self.device) for key, stored in self.observations.items()}
+        return th.as_tensor(self.observations[rows, cols], device=self.device)
 
     def update_latents(self, indices: tuple[np.ndarray, np.ndarray], deter: th.Tensor, stoch: th.Tensor) -> None:
         """Write fresh posterior latents [B, T, D], [B, T, S*K] back to the sampled rows (replay context)."""
@@ -242,3 +281,4 @@ class SequenceReplayBuffer:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.device = get_device(state["device"])
+        self.obs_spaces = observation_subspaces(self.observation_space)  # absent from buffers pickled before Dict support

@@ -58,10 +58,11 @@ class CapturedUpdate:
             self.capture(data)
         assert self.graph is not None and self.static_input is not None and self.static_output is not None
         for static, x in zip(self.static_input, data):
-            if isinstance(static, th.Tensor):
-                if static.shape != x.shape:
-                    raise ValueError(f"The captured update takes batches of shape {tuple(static.shape)}, got {tuple(x.shape)}")
-                static.copy_(x, non_blocking=True)
+            if isinstance(static, dict):  # Dict observations
+                for key, tensor in static.items():
+                    copy_into(tensor, x[key])
+            elif isinstance(static, th.Tensor):
+                copy_into(static, x)
         self.graph.replay()
         return self.static_output
 
@@ -69,7 +70,7 @@ class CapturedUpdate:
         """Capture the update on a batch shaped like ``data``; leaves the agent's state as it was."""
         start = time.perf_counter()
         device = data.rewards.device
-        self.static_input = SequenceSamples(*(x.clone() if isinstance(x, th.Tensor) else None for x in data))
+        self.static_input = SequenceSamples(*(clone_tensors(x) for x in data))
         for group in self.optimizer.param_groups:  # a tensor learning rate, updated in place (see Dreamer)
             if not isinstance(group["lr"], th.Tensor):
                 group["lr"] = th.tensor(float(group["lr"]), device=device)
@@ -100,3 +101,17 @@ class CapturedUpdate:
 
     def _module_tensors(self) -> list[th.Tensor]:
         return [*self.module.parameters(), *self.module.buffers()]
+
+
+def clone_tensors(x: th.Tensor | dict[str, th.Tensor] | object) -> th.Tensor | dict[str, th.Tensor] | None:
+    """A static copy of a batch field: a tensor, a dict of tensors (Dict observations), None for anything else."""
+    if isinstance(x, dict):
+        return {key: value.clone() for key, value in x.items()}
+    return x.clone() if isinstance(x, th.Tensor) else None
+
+
+def copy_into(static: th.Tensor, x: th.Tensor) -> None:
+    """Copy a batch tensor into the captured graph's static input of the same shape."""
+    if static.shape != x.shape:
+        raise ValueError(f"The captured update takes batches of shape {tuple(static.shape)}, got {tuple(x.shape)}")
+    static.copy_(x, non_blocking=True)

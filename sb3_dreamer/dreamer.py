@@ -20,7 +20,6 @@ import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.base_class import BaseAlgorithm, maybe_make_env
 from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.preprocessing import is_image_space
 from stable_baselines3.common.save_util import load_from_pkl, save_to_pkl
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
 from stable_baselines3.common.utils import safe_mean
@@ -32,30 +31,46 @@ from sb3_dreamer.functional import lambda_return
 from sb3_dreamer.networks.actor_critic import actor_loss, critic_loss, update_return_percentiles
 from sb3_dreamer.networks.world_model import WorldModelOutput
 from sb3_dreamer.optimizers import LaProp
-from sb3_dreamer.policies import DreamerPolicy, MlpLatentPolicy, frozen
+from sb3_dreamer.policies import (
+    CnnLatentPolicy,
+    DreamerPolicy,
+    MlpLatentPolicy,
+    MultiInputLatentPolicy,
+    check_observation_space,
+    frozen,
+)
 from sb3_dreamer.type_aliases import LatentState, SequenceSamples
 
 SelfDreamer = TypeVar("SelfDreamer", bound="Dreamer")
 
 
-def check_spaces(observation_space: spaces.Space, action_space: spaces.Space) -> None:
-    """Raise ValueError naming the space when Dreamer cannot handle it."""
+def check_spaces(
+    observation_space: spaces.Space,
+    action_space: spaces.Space,
+    policy_class: type[DreamerPolicy] = DreamerPolicy,
+    normalize_images: bool = True,
+) -> None:
+    """Raise ValueError naming the space (and what is supported) when Dreamer with ``policy_class`` cannot handle it.
+
+    Observations: Box vectors (MlpLatentPolicy), Box images (CnnLatentPolicy; channel-last or
+    channel-first, uint8 in [0, 255] unless ``normalize_images`` is False), Dict of those
+    (MultiInputLatentPolicy). Actions: Discrete, MultiDiscrete, MultiBinary, bounded Box.
+    """
     if not isinstance(action_space, (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)):
         raise ValueError(
             f"Dreamer supports Box (bounded), Discrete, MultiDiscrete and MultiBinary action spaces, got {action_space}"
         )
     if isinstance(action_space, spaces.Box) and not np.all(np.isfinite([action_space.low, action_space.high])):
         raise ValueError(f"Dreamer needs finite bounds on Box action spaces, got {action_space}; wrap the env to bound them")
-    if not isinstance(observation_space, spaces.Box):
-        raise ValueError(f"Dreamer supports Box (vector) observation spaces, got {observation_space}")
-    if is_image_space(observation_space, check_channels=False):
-        raise ValueError(f"Dreamer's MlpLatentPolicy takes vector observations; got an image space {observation_space}")
+    check_observation_space(policy_class, observation_space, normalize_images)
 
 
 class Dreamer(BaseAlgorithm):
     """DreamerV3 (Hafner et al., 2023; 2024 code): a world model and an actor-critic trained in its imagination.
 
-    :param policy: policy class or alias ("MlpLatentPolicy", "MlpPolicy")
+    :param policy: policy class or alias: "MlpLatentPolicy" (or "MlpPolicy") for vector observations,
+        "CnnLatentPolicy" (or "CnnPolicy") for images, "MultiInputLatentPolicy" (or "MultiInputPolicy")
+        for Dict observations of images and vectors
     :param env: environment or its registered id
     :param learning_rate: learning rate of the single optimiser (float or schedule of progress remaining)
     :param buffer_size: replay capacity in env steps, over all envs (rows, see ``buffers.py``)
@@ -105,6 +120,10 @@ class Dreamer(BaseAlgorithm):
     policy_aliases: ClassVar[dict[str, type[DreamerPolicy]]] = {
         "MlpLatentPolicy": MlpLatentPolicy,
         "MlpPolicy": MlpLatentPolicy,
+        "CnnLatentPolicy": CnnLatentPolicy,
+        "CnnPolicy": CnnLatentPolicy,
+        "MultiInputLatentPolicy": MultiInputLatentPolicy,
+        "MultiInputPolicy": MultiInputLatentPolicy,
     }
     policy: DreamerPolicy
     replay_buffer: SequenceReplayBuffer
@@ -142,7 +161,11 @@ class Dreamer(BaseAlgorithm):
     ) -> None:
         if env is not None:
             env = maybe_make_env(env, verbose)
-            check_spaces(env.observation_space, env.action_space)
+        if env is not None and _init_setup_model:
+            # (load() rebuilds without policy_kwargs: there SB3 checks the env against the saved spaces.)
+            policy_class = self._get_policy_from_name(policy) if isinstance(policy, str) else policy
+            normalize_images = (policy_kwargs or {}).get("normalize_images", True)
+            check_spaces(env.observation_space, env.action_space, policy_class, normalize_images)
         if batch_size < 1 or sequence_length < 2 or imagination_horizon < 1 or train_ratio < 0:
             raise ValueError(
                 "Dreamer needs batch_size >= 1, sequence_length >= 2, imagination_horizon >= 1 and train_ratio >= 0, got "
@@ -368,7 +391,7 @@ class Dreamer(BaseAlgorithm):
 
     def _store_transition(
         self,
-        obs: np.ndarray,
+        obs: np.ndarray | dict[str, np.ndarray],
         action: np.ndarray,
         starts: np.ndarray,
         rewards: np.ndarray,
@@ -385,7 +408,8 @@ class Dreamer(BaseAlgorithm):
         self.replay_buffer.add(obs, action, np.where(starts, 0.0, self._last_rewards), starts, false, false, **context)
         ended = np.flatnonzero(dones)
         if len(ended):
-            final_obs = np.stack([infos[i]["terminal_observation"] for i in ended])
+            final = [infos[i]["terminal_observation"] for i in ended]
+            final_obs = {key: np.stack([o[key] for o in final]) for key in obs} if isinstance(obs, dict) else np.stack(final)
             truncated = np.array([infos[i].get("TimeLimit.truncated", False) for i in ended], dtype=bool)
             self.replay_buffer.add(
                 final_obs, np.zeros_like(action[ended]), rewards[ended], np.zeros(len(ended), bool),

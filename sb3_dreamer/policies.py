@@ -7,18 +7,17 @@ numpy arrays; ``None`` means a fresh state sized from the batch; ``episode_start
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.policies import BasePolicy
-from stable_baselines3.common.preprocessing import get_flattened_obs_dim
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 
-from sb3_dreamer.buffers import action_classes, action_vector_dim
+from sb3_dreamer.buffers import action_classes, action_vector_dim, is_image
 from sb3_dreamer.dreams import Dream, dream
 from sb3_dreamer.networks.actor_critic import Actor, Critic
 from sb3_dreamer.networks.world_model import WorldModel
@@ -26,11 +25,46 @@ from sb3_dreamer.optimizers import LaProp
 from sb3_dreamer.presets import DEFAULT_SIZE, resolve_size
 from sb3_dreamer.type_aliases import LatentState, Trajectory
 
+# The policy (alias) suited to each kind of observation space.
+POLICY_FOR_KIND = {"vector": "MlpLatentPolicy", "image": "CnnLatentPolicy", "dict": "MultiInputLatentPolicy"}
+
+
+def observation_kind(observation_space: spaces.Space, normalize_images: bool = True) -> str:
+    """"vector" (Box), "image" (a Box SB3 sees as an image, see :func:`~sb3_dreamer.buffers.is_image`)
+    or "dict" (Dict of Boxes); ValueError naming the space for anything else."""
+    if isinstance(observation_space, spaces.Dict):
+        others = {key: sub for key, sub in observation_space.spaces.items() if not isinstance(sub, spaces.Box)}
+        if others or not observation_space.spaces:
+            raise ValueError(
+                f"Dreamer supports Dict observation spaces whose values are all Box spaces (vectors or images), got "
+                f"{observation_space}" + (f" with non-Box keys {others}" if others else "")
+            )
+        return "dict"
+    if not isinstance(observation_space, spaces.Box):
+        raise ValueError(
+            f"Dreamer supports Box (vector or image) and Dict (of Box) observation spaces, got {observation_space}"
+        )
+    return "image" if is_image(observation_space, normalize_images) else "vector"
+
+
+def check_observation_space(
+    policy_class: type[DreamerPolicy], observation_space: spaces.Space, normalize_images: bool = True
+) -> None:
+    """Raise ValueError, naming the space and the policy to use, when ``policy_class`` cannot take it."""
+    kind = observation_kind(observation_space, normalize_images)
+    if kind not in policy_class.observation_kinds:
+        takes = " or ".join(policy_class.observation_kinds)
+        raise ValueError(
+            f"{policy_class.__name__} takes {takes} observations, got {'an' if kind == 'image' else 'a'} {kind} space "
+            f"{observation_space}: use {POLICY_FOR_KIND[kind]}"
+        )
+
 
 class DreamerPolicy(BasePolicy):
-    """Policy holding the whole Dreamer agent.
+    """Policy holding the whole Dreamer agent (any supported observation space; the aliases
+    :class:`MlpLatentPolicy`, :class:`CnnLatentPolicy` and :class:`MultiInputLatentPolicy` each take one kind).
 
-    :param observation_space: vector Box observation space
+    :param observation_space: Box (vector or channel-first image) or Dict of Box observation space
     :param action_space: Discrete, MultiDiscrete, MultiBinary or bounded Box action space
     :param lr_schedule: learning rate schedule (of the single optimiser)
     :param size: size preset name (see :mod:`sb3_dreamer.presets`)
@@ -38,6 +72,8 @@ class DreamerPolicy(BasePolicy):
     :param hidden: RSSM hidden width (None: from the preset)
     :param classes: classes K per stochastic variable (None: from the preset)
     :param units: width of encoder, decoder, heads, actor and critic layers (None: from the preset)
+    :param depth: CNN depth of image encoders and decoders: channels of the first stage, doubled at
+        each next one (None: from the preset, 16 for ``size400k``)
     :param stoch: number S of categorical stochastic variables
     :param blocks: number of blocks of the block GRU
     :param unimix: uniform mixture in the latent categoricals
@@ -48,8 +84,16 @@ class DreamerPolicy(BasePolicy):
     :param rep_scale: representation KL weight
     :param optimizer_class: optimiser over all trained parameters (default LaProp + AGC + warm-up)
     :param optimizer_kwargs: its keyword arguments (besides lr)
-    :param normalize_images: kept for SB3 compatibility (vector observations are symlog-scaled instead)
+    :param image_size: side S of the square the images are resized to (bilinear, antialiased) before
+        the CNN, and reconstructed at: a power of two, at least 8
+    :param decoder_keys: keys of a Dict observation the world model reconstructs (None: all of them);
+        the others are still encoded but get no reconstruction loss
+    :param normalize_images: divide uint8 images by 255 on the device (as SB3); False: use images as
+        stored (as floats), for images already normalised. Vector observations are symlog-scaled either way.
     """
+
+    # Kinds of observation space the policy takes (see observation_kind).
+    observation_kinds: ClassVar[tuple[str, ...]] = ("vector", "image", "dict")
 
     def __init__(
         self,
@@ -61,6 +105,7 @@ class DreamerPolicy(BasePolicy):
         hidden: int | None = None,
         classes: int | None = None,
         units: int | None = None,
+        depth: int | None = None,
         stoch: int = 32,
         blocks: int = 8,
         unimix: float = 0.01,
@@ -71,8 +116,11 @@ class DreamerPolicy(BasePolicy):
         rep_scale: float = 0.1,
         optimizer_class: type[th.optim.Optimizer] = LaProp,
         optimizer_kwargs: dict[str, Any] | None = None,
+        image_size: int = 64,
+        decoder_keys: Sequence[str] | None = None,
         normalize_images: bool = True,
     ) -> None:
+        check_observation_space(type(self), observation_space, normalize_images)
         super().__init__(
             observation_space,
             action_space,
@@ -80,19 +128,24 @@ class DreamerPolicy(BasePolicy):
             optimizer_kwargs=optimizer_kwargs,
             normalize_images=normalize_images,
         )
-        sizes = resolve_size(size, deter=deter, hidden=hidden, classes=classes, units=units)
+        sizes = resolve_size(size, deter=deter, hidden=hidden, classes=classes, units=units, depth=depth)
         self.size, self.sizes = size, sizes
+        decoder_keys = None if decoder_keys is None else list(decoder_keys)
         self.arch = dict(
             stoch=stoch, blocks=blocks, unimix=unimix, actor_layers=actor_layers, critic_layers=critic_layers,
-            free_bits=free_bits, dyn_scale=dyn_scale, rep_scale=rep_scale,
+            free_bits=free_bits, dyn_scale=dyn_scale, rep_scale=rep_scale, image_size=image_size, decoder_keys=decoder_keys,
         )  # fmt: skip
         self.action_classes = action_classes(action_space)
         self.discrete = self.action_classes is not None
         self.action_dim = action_vector_dim(action_space)
         self.world_model = WorldModel(
-            get_flattened_obs_dim(observation_space),
+            observation_space,
             self.action_dim,
             units=sizes["units"],
+            depth=sizes["depth"],
+            image_size=image_size,
+            decoder_keys=decoder_keys,
+            normalize_images=normalize_images,
             free_bits=free_bits,
             dyn_scale=dyn_scale,
             rep_scale=rep_scale,
@@ -143,15 +196,15 @@ class DreamerPolicy(BasePolicy):
         return LatentState(deter, stoch, th.zeros(n, self.action_dim, device=self.device))
 
     def act(
-        self, obs: th.Tensor, state: LatentState, episode_start: th.Tensor, deterministic: bool = False
+        self, obs: PyTorchObs, state: LatentState, episode_start: th.Tensor, deterministic: bool = False
     ) -> LatentState:
-        """One acting step: update the latent with ``obs`` [N, ...] and pick an action.
+        """One acting step: update the latent with ``obs`` [N, ...] (a dict of them for Dict spaces) and pick an action.
 
         :param episode_start: [N] float, 1 where ``obs`` starts an episode (resets the latent)
         :return: the new latent; its ``action`` [N, A] is the chosen (normalised) action
         """
         wm = self.world_model
-        embed = wm.embed(obs.float().flatten(1))
+        embed = wm.embed(obs)
         deter, stoch, _ = wm.rssm.obs_step(
             state.deter, state.stoch, state.action, wm.rssm.embed_projection(embed), episode_start, deterministic
         )
@@ -208,7 +261,7 @@ class DreamerPolicy(BasePolicy):
             )
         self.set_training_mode(False)
         obs_tensor, vectorized = self.obs_to_tensor(observation)  # validates the shape
-        n = obs_tensor.shape[0]
+        n = batch_size(obs_tensor)
         latent = self.initial_state(n) if state is None else self._check_state(state, n)
         starts = np.zeros(n, dtype=np.float32) if episode_start is None else np.asarray(episode_start, dtype=np.float32)
         if starts.shape != (n,):
@@ -223,17 +276,17 @@ class DreamerPolicy(BasePolicy):
 
     def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> th.Tensor:
         """Stateless action from a fresh latent (SB3's abstract hook; ``predict`` carries the state)."""
-        assert isinstance(observation, th.Tensor)
-        n = observation.shape[0]
+        n = batch_size(observation)
         latent = self.act(observation, self.initial_state(n), th.ones(n, device=self.device), deterministic)
         return latent.action
 
-    def forward(self, obs: th.Tensor, deterministic: bool = False) -> th.Tensor:
+    def forward(self, obs: PyTorchObs, deterministic: bool = False) -> th.Tensor:
         return self._predict(obs, deterministic)
 
-    def dream(self, observations: np.ndarray, actions: np.ndarray, context: int = 5) -> Dream:
+    def dream(self, observations: np.ndarray | dict[str, np.ndarray], actions: np.ndarray, context: int = 5) -> Dream:
         """The world model's open-loop predictions after ``context`` observed steps of a real
-        sequence (observations [B, T, O], action vectors [B, T, A]); see :mod:`sb3_dreamer.dreams`."""
+        sequence (observations [B, T, *shape] or a dict of them, action vectors [B, T, A]); see
+        :mod:`sb3_dreamer.dreams`."""
         return dream(self, observations, actions, context)
 
     # ------------------------------------------------------------------------------ imagination
@@ -272,6 +325,11 @@ class DreamerPolicy(BasePolicy):
         return Trajectory(feat, action, dist.log_prob(action), dist.entropy())
 
 
+def batch_size(obs: PyTorchObs) -> int:
+    """N of observations [N, ...] (or a dict of them)."""
+    return next(iter(obs.values())).shape[0] if isinstance(obs, dict) else obs.shape[0]
+
+
 @contextmanager
 def frozen(*modules: th.nn.Module) -> Iterator[None]:
     """Operations inside record no gradient for the modules' parameters (gradients still flow through them)."""
@@ -287,3 +345,19 @@ def frozen(*modules: th.nn.Module) -> Iterator[None]:
 
 class MlpLatentPolicy(DreamerPolicy):
     """Dreamer policy for vector (Box) observations: symlog MLP encoder and decoder."""
+
+    observation_kinds = ("vector",)
+
+
+class CnnLatentPolicy(DreamerPolicy):
+    """Dreamer policy for image (Box, uint8 in [0, 255]) observations: CNN encoder and decoder over
+    channel-first images resized to ``image_size`` (see :mod:`sb3_dreamer.networks.encoders`)."""
+
+    observation_kinds = ("image",)
+
+
+class MultiInputLatentPolicy(DreamerPolicy):
+    """Dreamer policy for Dict observations of image and vector Box keys: a CNN per group of image
+    keys of one size, a symlog MLP over the vector keys, one decoder per kind for the ``decoder_keys``."""
+
+    observation_kinds = ("dict",)

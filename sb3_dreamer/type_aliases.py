@@ -2,7 +2,7 @@
 
 Shape letters used throughout the package: B sequences in a batch, T steps per sequence,
 N flattened batch (B*T imagination starts, or n_envs when acting), H imagination horizon,
-O observation size, A action size (one-hot size for Discrete), D deterministic state size,
+O observation size (C, H, W for images), A action size (one-hot size for Discrete), D deterministic state size,
 S*K flattened stochastic state size, F = D + S*K feature size.
 """
 
@@ -23,7 +23,7 @@ class SequenceSamples(NamedTuple):
     ``is_first[:, 0]`` is 1 only where there is no such row.
     """
 
-    observations: th.Tensor  # [B, T, O] float
+    observations: th.Tensor | dict[str, th.Tensor]  # [B, T, *shape] as stored (uint8 images), per key for Dict spaces
     actions: th.Tensor  # [B, T, A] float (one-hot or in [-1, 1])
     rewards: th.Tensor  # [B, T]
     is_first: th.Tensor  # [B, T] float 0/1

@@ -48,7 +48,9 @@ def make_rssm(embed_dim: int = 5, action_dim: int = 2, **kwargs: Any) -> RSSM:
 
 
 def make_world_model(obs_dim: int = 3, action_dim: int = 2, **kwargs: Any) -> WorldModel:
-    return WorldModel(obs_dim, action_dim, units=8, **{**TINY_RSSM_KWARGS, **kwargs})
+    """A tiny world model of vector observations [obs_dim]."""
+    space = spaces.Box(-np.inf, np.inf, shape=(obs_dim,), dtype=np.float32)
+    return WorldModel(space, action_dim, units=8, **{**TINY_RSSM_KWARGS, **kwargs})
 
 
 class CountingEnv(gym.Env):
@@ -125,12 +127,14 @@ def assert_state_dicts_equal(a: dict[str, Any], b: dict[str, Any]) -> None:
 
 
 def predict_sequence(
-    model: Any, observations: list[np.ndarray], deterministic: bool = True
+    model: Any, observations: list[np.ndarray] | list[dict[str, np.ndarray]], deterministic: bool = True
 ) -> tuple[list[np.ndarray], tuple[np.ndarray, ...]]:
-    """Predict (with a Dreamer or a DreamerPolicy) along batched observations, carrying the state: actions, last state."""
+    """Predict (with a Dreamer or a DreamerPolicy) along batched observations (arrays, or dicts of
+    arrays for Dict spaces), carrying the state: actions, last state."""
     state, actions = None, []
     for i, obs in enumerate(observations):
-        episode_start = np.full(len(obs), i == 0)
+        n = len(next(iter(obs.values()))) if isinstance(obs, dict) else len(obs)
+        episode_start = np.full(n, i == 0)
         action, state = model.predict(obs, state=state, episode_start=episode_start, deterministic=deterministic)
         actions.append(action)
     assert state is not None

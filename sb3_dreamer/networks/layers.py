@@ -1,4 +1,5 @@
-"""Building blocks shared by every network: normalised linear layers, block-diagonal linear layers, MLPs.
+"""Building blocks shared by every network: normalised linear layers, block-diagonal linear layers, MLPs,
+the channel norm of the convolutional encoder and decoder.
 
 DreamerV3 uses Linear -> RMSNorm -> SiLU everywhere, truncated-normal fan-in initialisation and zero
 biases; output layers can be scaled down (``outscale``), zero for reward and value heads.
@@ -28,6 +29,13 @@ class RMSNorm(nn.RMSNorm):
     def forward(self, x: th.Tensor) -> th.Tensor:
         weight = self.weight if self.weight is None or self.weight.dtype == x.dtype else self.weight.to(x.dtype)
         return nn.functional.rms_norm(x, self.normalized_shape, weight, self.eps)
+
+
+class ChannelRMSNorm(RMSNorm):
+    """RMSNorm over the channels of feature maps [N, C, H, W] (the norm of DreamerV3's convolutions)."""
+
+    def forward(self, x: th.Tensor) -> th.Tensor:
+        return super().forward(x.movedim(1, -1)).movedim(-1, 1)
 
 
 class Linear(nn.Linear):

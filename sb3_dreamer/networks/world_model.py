@@ -1,4 +1,5 @@
-"""World model: symlog MLP encoder, RSSM, symlog-MSE decoder, two-hot reward head, continue head.
+"""World model: encoder (symlog MLP for vectors, CNN for images), RSSM, decoder (symlog-MSE for
+vectors, MSE summed over pixels for images), two-hot reward head, continue head.
 
 Losses per replayed step (DreamerV3): ``rec + rew + con + dyn_scale * dyn + rep_scale * rep`` where
 ``dyn = max(free_bits, KL(sg(post) || prior))`` and ``rep = max(free_bits, KL(post || sg(prior)))``.
@@ -7,13 +8,17 @@ The continue target is ``(1 - is_terminal) * gamma``, so the discount is learned
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch as th
 import torch.nn.functional as F
+from gymnasium import spaces
 from torch import nn
 
-from sb3_dreamer.functional import categorical_kl, kl_free_bits, symlog, twohot_bins, twohot_loss, twohot_mean
+from sb3_dreamer.functional import categorical_kl, kl_free_bits, twohot_bins, twohot_loss, twohot_mean
+from sb3_dreamer.networks.decoders import MultiDecoder
+from sb3_dreamer.networks.encoders import MultiEncoder
 from sb3_dreamer.networks.layers import MLP
 from sb3_dreamer.networks.rssm import RSSM
 
@@ -28,13 +33,17 @@ class WorldModelOutput(NamedTuple):
 
 
 class WorldModel(nn.Module):
-    """Encoder, RSSM, decoder and reward/continue heads for vector observations.
+    """Encoder, RSSM, decoder and reward/continue heads.
 
-    :param obs_dim: O, flattened observation size
+    :param observation_space: (channel-first) observation space: Box vector, Box image or Dict of them
     :param action_dim: A
     :param units: width of encoder, decoder and head layers
-    :param encoder_layers: hidden layers of the encoder (its output is the embedding)
-    :param decoder_layers: hidden layers of the decoder
+    :param encoder_layers: hidden layers of the vector encoder (its output is the vector embedding)
+    :param decoder_layers: hidden layers of the vector decoder
+    :param depth: CNN depth of the image encoder and decoder (see :mod:`sb3_dreamer.networks.encoders`)
+    :param image_size: side images are resized to
+    :param decoder_keys: keys of a Dict observation to reconstruct (None: all)
+    :param normalize_images: divide images by 255 (SB3's meaning); False: use them as stored
     :param head_layers: hidden layers of the reward and continue heads
     :param num_bins: bins of the two-hot reward head
     :param free_bits: KL free nats per step (summed over the stochastic variables)
@@ -45,11 +54,15 @@ class WorldModel(nn.Module):
 
     def __init__(
         self,
-        obs_dim: int,
+        observation_space: spaces.Space,
         action_dim: int,
         units: int = 64,
         encoder_layers: int = 3,
         decoder_layers: int = 3,
+        depth: int = 16,
+        image_size: int = 64,
+        decoder_keys: Sequence[str] | None = None,
+        normalize_images: bool = True,
         head_layers: int = 1,
         num_bins: int = 255,
         free_bits: float = 1.0,
@@ -59,17 +72,18 @@ class WorldModel(nn.Module):
     ) -> None:
         super().__init__()
         self.free_bits, self.dyn_scale, self.rep_scale = free_bits, dyn_scale, rep_scale
-        self.encoder = MLP(obs_dim, units, encoder_layers)
-        self.rssm = RSSM(units, action_dim, **rssm_kwargs)
+        images = dict(depth=depth, image_size=image_size, normalize_images=normalize_images)
+        self.encoder = MultiEncoder(observation_space, units, encoder_layers, **images)
+        self.rssm = RSSM(self.encoder.embed_dim, action_dim, **rssm_kwargs)
         feat = self.rssm.feat_dim
-        self.decoder = MLP(feat, units, decoder_layers, obs_dim)
+        self.decoder = MultiDecoder(feat, observation_space, decoder_keys, units, decoder_layers, **images)
         self.reward_head = MLP(feat, units, head_layers, num_bins, outscale=0.0)
         self.cont_head = MLP(feat, units, head_layers, 1)
         self.register_buffer("bins", twohot_bins(num_bins), persistent=False)
 
-    def embed(self, obs: th.Tensor) -> th.Tensor:
-        """Observation [..., O] -> embedding [..., units] (symlog first)."""
-        return self.encoder(symlog(obs))
+    def embed(self, obs: th.Tensor | dict[str, th.Tensor]) -> th.Tensor:
+        """Stored observation [..., *shape] (or a dict of them) -> embedding [..., E]."""
+        return self.encoder(self.encoder.prepare(obs))
 
     def reward(self, feat: th.Tensor) -> th.Tensor:
         """Predicted reward [...] from feat [..., F]."""
@@ -81,7 +95,7 @@ class WorldModel(nn.Module):
 
     def loss(
         self,
-        obs: th.Tensor,
+        obs: th.Tensor | dict[str, th.Tensor],
         prev_action: th.Tensor,
         reward: th.Tensor,
         is_first: th.Tensor,
@@ -91,7 +105,7 @@ class WorldModel(nn.Module):
     ) -> WorldModelOutput:
         """World-model loss of a replayed batch.
 
-        :param obs: [B, T, O]
+        :param obs: [B, T, *shape] stored observations (uint8 images as uint8), or a dict of them
         :param prev_action: [B, T, A] action before each step (zero where is_first)
         :param reward: [B, T] reward that led to each observation
         :param is_first: [B, T] float, 1 on the first step of an episode
@@ -99,10 +113,11 @@ class WorldModel(nn.Module):
         :param gamma: discount learned into the continue head
         :param initial: (deter [B, D], stoch [B, S*K]) carried into step 0 (replay context); None: zeros
         """
-        deter, stoch, post = self.rssm.observe(self.embed(obs), prev_action, is_first, initial)
+        inputs = self.encoder.prepare(obs)
+        deter, stoch, post = self.rssm.observe(self.encoder(inputs), prev_action, is_first, initial)
         prior = self.rssm.prior_logits(deter)
         feat = th.cat([deter, stoch], -1)
-        rec = ((self.decoder(feat) - symlog(obs)) ** 2).sum(-1)
+        rec = self.decoder.loss(feat, inputs)
         rew = twohot_loss(self.reward_head(feat), reward, self.bins)
         cont_target = (1.0 - is_terminal) * gamma
         con = F.binary_cross_entropy_with_logits(self.cont_head(feat).squeeze(-1), cont_target, reduction="none")
