@@ -29,6 +29,7 @@ Time alignment (one row per env step, per env column)::
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import numpy as np
 import torch as th
@@ -81,6 +82,10 @@ def action_vector_dim(action_space: spaces.Space) -> int:
     return sum(classes) if classes is not None else get_action_dim(action_space)
 
 
+# The row arrays of a SequenceReplayBuffer (numpy in RAM, or tensors with storage="device").
+ARRAYS = ("observations", "actions", "rewards", "is_first", "is_last", "is_terminal", "deter", "stoch")
+
+
 class SequenceReplayBuffer:
     """Replay of env steps, sampled as [B, T] windows.
 
@@ -91,7 +96,13 @@ class SequenceReplayBuffer:
     :param device: device the sampled tensors are put on
     :param n_envs: number of env columns
     :param latent_dims: (D, S*K) to store latents for replay context; None stores none
+    :param storage: where the rows live: "host" (numpy arrays in RAM; each batch is gathered there
+        and copied to ``device``) or "device" (torch tensors on ``device``, e.g. GPU memory: batches
+        are gathered there without a host-to-device copy; each env step's row is copied over instead).
+        Saved replay buffers hold numpy arrays either way.
     """
+
+    STORAGES = ("host", "device")
 
     def __init__(
         self,
@@ -101,9 +112,13 @@ class SequenceReplayBuffer:
         device: th.device | str = "auto",
         n_envs: int = 1,
         latent_dims: tuple[int, int] | None = None,
+        storage: str = "host",
     ) -> None:
         if buffer_size < n_envs:
             raise ValueError(f"buffer_size={buffer_size} must be at least n_envs={n_envs}")
+        if storage not in self.STORAGES:
+            raise ValueError(f"storage must be one of {self.STORAGES} (replay in RAM or on the training device), got {storage!r}")
+        self.storage = storage
         self.buffer_size = buffer_size
         self.observation_space, self.action_space = observation_space, action_space
         self.obs_spaces = observation_subspaces(observation_space)
@@ -117,12 +132,48 @@ class SequenceReplayBuffer:
         self._allocated = False
         self.warn_if_memory_short()
 
+    @property
+    def on_device(self) -> bool:
+        return self.storage == "device"
+
+    def _zeros(self, shape: tuple[int, ...], dtype: type[np.generic]) -> np.ndarray | th.Tensor:
+        """A zero array for rows: numpy in RAM, or a tensor on the device (``storage="device"``)."""
+        if not self.on_device:
+            return np.zeros(shape, dtype=dtype)
+        return th.zeros(shape, dtype=th.from_numpy(np.zeros(0, dtype=dtype)).dtype, device=self.device)
+
+    def _write(self, array: np.ndarray | th.Tensor, rows: np.ndarray, cols: np.ndarray, value: Any) -> None:
+        """``array[rows, cols] = value`` for either storage."""
+        if isinstance(array, th.Tensor):
+            value = th.as_tensor(np.asarray(value), device=self.device).to(array.dtype)
+            array[th.as_tensor(rows, device=self.device), th.as_tensor(cols, device=self.device)] = value
+        else:
+            array[rows, cols] = value
+
+    def _gather(self, array: np.ndarray | th.Tensor, rows: Any, cols: Any, dtype: th.dtype | None = None) -> th.Tensor:
+        """``array[rows, cols]`` as a tensor on the device (in ``dtype``, else the stored one)."""
+        if isinstance(array, th.Tensor):
+            out = array[th.as_tensor(rows, device=self.device), th.as_tensor(cols, device=self.device)]
+        else:
+            out = th.as_tensor(array[rows, cols], device=self.device)
+        return out if dtype is None else out.to(dtype)
+
     def warn_if_memory_short(self) -> None:
-        """Warn, as SB3's replay buffers do, when the full buffer would not fit in the available RAM.
+        """Warn, as SB3's replay buffers do, when the full buffer would not fit in the available RAM
+        (in the device's free memory with ``storage="device"`` on a CUDA device).
 
         The arrays are allocated at the first ``add``, and filled as training goes, so a buffer too
         large for the machine fails late; this says so at construction. Needs psutil (else silent).
         """
+        if self.on_device and self.device.type == "cuda":
+            available = th.cuda.mem_get_info(self.device)[0]
+            if self.nbytes > available:
+                warnings.warn(
+                    f"The replay buffer needs {self.nbytes / 1e9:.2f} GB when full but {self.device} has "
+                    f"{available / 1e9:.2f} GB free: lower buffer_size or use storage='host'",
+                    stacklevel=3,
+                )
+            return
         try:
             import psutil
         except ImportError:
@@ -138,18 +189,17 @@ class SequenceReplayBuffer:
 
     def _allocate(self) -> None:
         shape = (self.capacity, self.n_envs)
-        observations = {key: np.zeros((*shape, *sub.shape), dtype=storage_dtype(sub)) for key, sub in self.obs_spaces.items()}
-        self.observations: np.ndarray | dict[str, np.ndarray] = (
-            observations if isinstance(self.observation_space, spaces.Dict) else observations[OBS_KEY]
-        )
-        self.actions = np.zeros((*shape, self.action_dim), dtype=np.float32)
-        self.rewards = np.zeros(shape, dtype=np.float32)
-        self.is_first = np.zeros(shape, dtype=bool)
-        self.is_last = np.zeros(shape, dtype=bool)
-        self.is_terminal = np.zeros(shape, dtype=bool)
+        zeros = self._zeros
+        observations = {key: zeros((*shape, *sub.shape), storage_dtype(sub)) for key, sub in self.obs_spaces.items()}
+        self.observations: Any = observations if isinstance(self.observation_space, spaces.Dict) else observations[OBS_KEY]
+        self.actions = zeros((*shape, self.action_dim), np.float32)
+        self.rewards = zeros(shape, np.float32)
+        self.is_first = zeros(shape, np.bool_)
+        self.is_last = zeros(shape, np.bool_)
+        self.is_terminal = zeros(shape, np.bool_)
         if self.latent_dims is not None:
-            self.deter = np.zeros((*shape, self.latent_dims[0]), dtype=np.float16)
-            self.stoch = np.zeros((*shape, self.latent_dims[1]), dtype=np.float16)
+            self.deter = zeros((*shape, self.latent_dims[0]), np.float16)
+            self.stoch = zeros((*shape, self.latent_dims[1]), np.float16)
         self._allocated = True
 
     @property
@@ -188,19 +238,20 @@ class SequenceReplayBuffer:
             self._allocate()
         cols = np.arange(self.n_envs) if env_indices is None else np.asarray(env_indices)
         rows = self.pos[cols]
+        write = self._write
         if isinstance(self.observations, dict):
             for key, stored in self.observations.items():
-                stored[rows, cols] = np.asarray(obs[key]).reshape(len(cols), *stored.shape[2:])  # type: ignore[index]
+                write(stored, rows, cols, np.asarray(obs[key]).reshape(len(cols), *stored.shape[2:]))  # type: ignore[index]
         else:
-            self.observations[rows, cols] = np.asarray(obs).reshape(len(cols), *self.observations.shape[2:])
-        self.actions[rows, cols] = action
-        self.rewards[rows, cols] = reward
-        self.is_first[rows, cols] = is_first
-        self.is_last[rows, cols] = is_last
-        self.is_terminal[rows, cols] = is_terminal
+            write(self.observations, rows, cols, np.asarray(obs).reshape(len(cols), *self.observations.shape[2:]))
+        write(self.actions, rows, cols, action)
+        write(self.rewards, rows, cols, reward)
+        write(self.is_first, rows, cols, is_first)
+        write(self.is_last, rows, cols, is_last)
+        write(self.is_terminal, rows, cols, is_terminal)
         if self.latent_dims is not None:
-            self.deter[rows, cols] = 0.0 if deter is None else deter
-            self.stoch[rows, cols] = 0.0 if stoch is None else stoch
+            write(self.deter, rows, cols, 0.0 if deter is None else deter)
+            write(self.stoch, rows, cols, 0.0 if stoch is None else stoch)
         self.pos[cols] = (rows + 1) % self.capacity
         self.count[cols] = np.minimum(self.count[cols] + 1, self.capacity)
 
@@ -216,7 +267,7 @@ class SequenceReplayBuffer:
         if not self._allocated:
             return
         cols = np.flatnonzero(self.count > 0)
-        self.is_last[(self.pos[cols] - 1) % self.capacity, cols] = True
+        self._write(self.is_last, (self.pos[cols] - 1) % self.capacity, cols, np.ones(len(cols), dtype=bool))
 
     def sample(self, batch_size: int, sequence_length: int) -> SequenceSamples:
         """Uniformly sample ``batch_size`` windows of ``sequence_length`` rows among all valid windows."""
@@ -233,52 +284,75 @@ class SequenceReplayBuffer:
         oldest = np.where(self.count[cols] < self.capacity, 0, self.pos[cols])
         rows = (oldest[:, None] + offset[:, None] + np.arange(sequence_length)) % self.capacity  # [B, T]
         cols = cols[:, None]
-        is_first = self.is_first[rows, cols].copy()
-        as_tensor = lambda x: th.as_tensor(x, dtype=th.float32, device=self.device)  # noqa: E731
+        # With storage on the device, the indices go there once (as_tensor of them is then a no-op).
+        r_index, c_index = rows, cols
+        if self.on_device:
+            r_index, c_index = th.as_tensor(rows, device=self.device), th.as_tensor(cols, device=self.device)
+        gather = lambda x, r=r_index, c=c_index: self._gather(x, r, c, th.float32)  # noqa: E731
+        is_first = gather(self.is_first)
         context = {}
         if self.latent_dims is None:
-            is_first[:, 0] = True
+            is_first[:, 0] = 1.0
         else:
             has_context = offset > 0  # a row before the window exists in the column
-            is_first[:, 0] |= ~has_context
+            is_first[:, 0] = th.maximum(is_first[:, 0], th.as_tensor(~has_context, dtype=th.float32, device=self.device))
             before, col = (rows[:, 0] - 1) % self.capacity, cols[:, 0]
-            keep = has_context[:, None].astype(np.float32)
+            keep = th.as_tensor(has_context[:, None], dtype=th.float32, device=self.device)
             context = dict(
-                context_deter=as_tensor(self.deter[before, col] * keep),
-                context_stoch=as_tensor(self.stoch[before, col] * keep),
-                context_action=as_tensor(self.actions[before, col] * keep),
+                context_deter=gather(self.deter, before, col) * keep,
+                context_stoch=gather(self.stoch, before, col) * keep,
+                context_action=gather(self.actions, before, col) * keep,
             )
         return SequenceSamples(
-            observations=self._sample_observations(rows, cols),
-            actions=as_tensor(self.actions[rows, cols]),
-            rewards=as_tensor(self.rewards[rows, cols]),
-            is_first=as_tensor(is_first),
-            is_last=as_tensor(self.is_last[rows, cols]),
-            is_terminal=as_tensor(self.is_terminal[rows, cols]),
+            observations=self._sample_observations(r_index, c_index),
+            actions=gather(self.actions),
+            rewards=gather(self.rewards),
+            is_first=is_first,
+            is_last=gather(self.is_last),
+            is_terminal=gather(self.is_terminal),
             indices=(rows, cols),
             **context,
         )
 
-    def _sample_observations(self, rows: np.ndarray, cols: np.ndarray) -> th.Tensor | dict[str, th.Tensor]:
+    def _sample_observations(self, rows: Any, cols: Any) -> th.Tensor | dict[str, th.Tensor]:
         """Observations of the rows [B, T] (per key for a Dict space), on the device in their stored dtype."""
         if isinstance(self.observations, dict):
-            return {key: th.as_tensor(stored[rows, cols], device=self.device) for key, stored in self.observations.items()}
-        return th.as_tensor(self.observations[rows, cols], device=self.device)
+            return {key: self._gather(stored, rows, cols) for key, stored in self.observations.items()}
+        return self._gather(self.observations, rows, cols)
 
     def update_latents(self, indices: tuple[np.ndarray, np.ndarray], deter: th.Tensor, stoch: th.Tensor) -> None:
         """Write fresh posterior latents [B, T, D], [B, T, S*K] back to the sampled rows (replay context)."""
         if self.latent_dims is None:
             return
         rows, cols = indices
-        self.deter[rows, cols] = deter.detach().cpu().numpy()
-        self.stoch[rows, cols] = stoch.detach().cpu().numpy()
+        if self.on_device:
+            self._write(self.deter, rows, cols, deter.detach())
+            self._write(self.stoch, rows, cols, stoch.detach())
+        else:
+            self.deter[rows, cols] = deter.detach().cpu().numpy()
+            self.stoch[rows, cols] = stoch.detach().cpu().numpy()
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["device"] = str(self.device)  # a torch.device pickles fine, but a str survives torch upgrades
+        # Rows are saved as numpy arrays whatever the storage, so a file written from GPU memory loads anywhere.
+        for key in ARRAYS:
+            if isinstance(state.get(key), th.Tensor):
+                state[key] = state[key].cpu().numpy()
+            elif isinstance(state.get(key), dict):
+                state[key] = {k: v.cpu().numpy() if isinstance(v, th.Tensor) else v for k, v in state[key].items()}
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.device = get_device(state["device"])
         self.obs_spaces = observation_subspaces(self.observation_space)  # absent from buffers pickled before Dict support
+        self.storage = state.get("storage", "host")  # absent from buffers pickled before the option
+        if self.on_device and self._allocated:
+            to_device = lambda x: th.as_tensor(x, device=self.device)  # noqa: E731
+            for key in ARRAYS:
+                value = getattr(self, key, None)
+                if isinstance(value, np.ndarray):
+                    setattr(self, key, to_device(value))
+                elif isinstance(value, dict):
+                    setattr(self, key, {k: to_device(v) for k, v in value.items()})

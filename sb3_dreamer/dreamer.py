@@ -108,7 +108,8 @@ class Dreamer(BaseAlgorithm):
         actor), fusing their small kernels; compiled once per batch shape (~10-30 s on a GPU).
         None: on with CUDA graphs, off otherwise (on a CPU the compilation costs more than it saves)
     :param policy_kwargs: policy keyword arguments, e.g. ``dict(size="size12m")``
-    :param replay_buffer_kwargs: extra :class:`SequenceReplayBuffer` keyword arguments
+    :param replay_buffer_kwargs: extra :class:`SequenceReplayBuffer` keyword arguments, e.g.
+        ``dict(storage="device")`` to keep replay in the training device's memory (GPU) instead of RAM
     :param stats_window_size: episodes averaged in the rollout logs
     :param tensorboard_log: TensorBoard log folder (None: no TensorBoard)
     :param verbose: 0 silent, 1 info, 2 debug

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch as th
 from gymnasium import spaces
-from stable_baselines3.common.save_util import save_to_pkl
+from stable_baselines3.common.save_util import load_from_pkl, save_to_pkl
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from sb3_dreamer.buffers import SequenceReplayBuffer
+from sb3_dreamer.type_aliases import SequenceSamples
 
 from .helpers import counting_env, make_model, time_limited
 
@@ -318,3 +319,62 @@ def test_warns_when_the_full_buffer_would_not_fit_in_memory():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         SequenceReplayBuffer(1_000, obs, spaces.Discrete(2), device="cpu")
+
+
+# ------------------------------------------------------------------------------------ storage on the device
+def fill_both(storage: str, **kwargs) -> SequenceReplayBuffer:
+    """A buffer with two columns of 12 rows (ring wrapped, episode ends, latents) in the given storage."""
+    buffer = SequenceReplayBuffer(16, OBS_SPACE, ACTION_SPACE, device="cpu", n_envs=2, storage=storage, **kwargs)
+    latents = buffer.latent_dims is not None
+    for value in range(12):
+        n = 2
+        obs = np.full((n, 1), value, dtype=np.float32) + np.arange(n)[:, None] / 10
+        ends = np.array([value % 5 == 4, value % 7 == 6])
+        extra = dict(deter=np.full((n, 2), value), stoch=np.full((n, 3), -value)) if latents else {}
+        buffer.add(obs, np.eye(2, dtype=np.float32)[[value % 2] * n], obs[:, 0], ends & (value % 2 == 0), ends, ends, **extra)
+    return buffer
+
+
+@pytest.mark.parametrize("latent_dims", [None, (2, 3)])
+def test_device_storage_samples_what_host_storage_samples(latent_dims):
+    host, device = fill_both("host", latent_dims=latent_dims), fill_both("device", latent_dims=latent_dims)
+    assert isinstance(device.observations, th.Tensor) and isinstance(host.observations, np.ndarray)
+    assert device.is_first.dtype == th.bool and device.nbytes == host.nbytes
+    for buffer in (host, device):
+        buffer.truncate_last_trajectories()
+    np.random.seed(3)
+    a = host.sample(batch_size=8, sequence_length=4)
+    np.random.seed(3)
+    b = device.sample(batch_size=8, sequence_length=4)
+    for name in SequenceSamples._fields:
+        x, y = getattr(a, name), getattr(b, name)
+        if isinstance(x, th.Tensor):
+            assert x.dtype == y.dtype, name
+            th.testing.assert_close(x, y, msg=name)
+    if latent_dims is not None:
+        for buffer in (host, device):
+            buffer.update_latents(a.indices, th.full((8, 4, 2), 5.0), th.full((8, 4, 3), 6.0))
+        np.testing.assert_array_equal(host.deter, device.deter.numpy())
+        np.testing.assert_array_equal(host.stoch, device.stoch.numpy())
+
+
+def test_device_storage_pickles_as_numpy_and_loads_back_on_the_device(tmp_path):
+    buffer = fill_both("device", latent_dims=(2, 3))
+    save_to_pkl(tmp_path / "replay.pkl", buffer)
+    state = buffer.__getstate__()
+    assert all(isinstance(state[key], np.ndarray) for key in ("observations", "actions", "is_first", "deter"))
+    loaded = load_from_pkl(tmp_path / "replay.pkl")
+    assert loaded.storage == "device" and isinstance(loaded.observations, th.Tensor)
+    th.testing.assert_close(loaded.observations, buffer.observations)
+    th.testing.assert_close(loaded.stoch, buffer.stoch)
+
+
+def test_dreamer_trains_with_replay_on_the_device():
+    model = make_model("CartPole-v1", replay_buffer_kwargs=dict(storage="device"))
+    model.learn(100)
+    assert isinstance(model.replay_buffer.observations, th.Tensor) and model._n_updates > 0
+
+
+def test_rejects_unknown_storage():
+    with pytest.raises(ValueError, match="storage must be one of"):
+        SequenceReplayBuffer(16, OBS_SPACE, ACTION_SPACE, device="cpu", storage="disk")

@@ -114,7 +114,8 @@ def test_block_gru_core_equals_the_gru_written_per_block():
     for p in rssm.parameters():
         th.nn.init.normal_(p, std=0.3)  # non-zero biases and norm scales too
     gen = th.Generator().manual_seed(3)
-    deter, stoch, action = th.randn(5, DETER, generator=gen), th.randn(5, STOCH_DIM, generator=gen), 3 * th.randn(5, A, generator=gen)
+    deter, stoch = th.randn(5, DETER, generator=gen), th.randn(5, STOCH_DIM, generator=gen)
+    action = 3 * th.randn(5, A, generator=gen)
     g, size = rssm.blocks, DETER // rssm.blocks
     a = action / action.abs().clamp(min=1.0)
     x = th.cat([rssm.in_deter(deter), rssm.in_stoch(stoch), rssm.in_action(a)], -1)
