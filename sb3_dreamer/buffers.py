@@ -117,7 +117,9 @@ class SequenceReplayBuffer:
         if buffer_size < n_envs:
             raise ValueError(f"buffer_size={buffer_size} must be at least n_envs={n_envs}")
         if storage not in self.STORAGES:
-            raise ValueError(f"storage must be one of {self.STORAGES} (replay in RAM or on the training device), got {storage!r}")
+            raise ValueError(
+                f"storage must be one of {self.STORAGES} (replay in RAM or on the training device), got {storage!r}"
+            )
         self.storage = storage
         self.buffer_size = buffer_size
         self.observation_space, self.action_space = observation_space, action_space
