@@ -83,7 +83,8 @@ class RSSM(nn.Module):
         Each block g sees its own slice of h and the shared input x = [in(h), in(z), in(a)]; its
         weight ``gru_hidden.weight[g]`` is split into the rows for h and the rows for x, so the
         shared part is one [N, 3*hidden] x [3*hidden, D] product instead of G copies of x
-        concatenated to the blocks (the same sums; the concatenation dominated on CPU).
+        concatenated to the blocks (the same sums; the concatenation was a quarter of an imagination
+        step on CPU).
         """
         action = action / th.clamp(action.abs(), min=1.0).detach()
         x = th.cat([self.in_deter(deter), self.in_stoch(stoch), self.in_action(action)], -1)
