@@ -74,7 +74,7 @@ class TargetEnvBox(IdentityEnv[np.ndarray]):
     [
         (lambda: IdentityEnv(3, ep_length=EPISODE), 2000, 15.0),
         (lambda: IdentityEnvMultiDiscrete(3, ep_length=EPISODE), 3000, 12.0),
-        (lambda: IdentityEnvMultiBinary(2, ep_length=EPISODE), 3000, 15.0),
+        (lambda: IdentityEnvMultiBinary(2, ep_length=EPISODE), 2000, 15.0),
         (lambda: TargetEnvBox(), 1500, -12.0),
     ],
     ids=["Discrete", "MultiDiscrete", "MultiBinary", "Box"],
