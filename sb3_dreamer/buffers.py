@@ -145,12 +145,12 @@ class SequenceReplayBuffer:
         return th.zeros(shape, dtype=th.from_numpy(np.zeros(0, dtype=dtype)).dtype, device=self.device)
 
     def _write(self, array: np.ndarray | th.Tensor, rows: np.ndarray, cols: np.ndarray, value: Any) -> None:
-        """``array[rows, cols] = value`` for either storage."""
+        """``array[rows, cols] = value`` for either storage; ``value`` may be numpy or a tensor on any device."""
         if isinstance(array, th.Tensor):
-            value = th.as_tensor(np.asarray(value), device=self.device).to(array.dtype)
+            value = th.as_tensor(value, device=self.device).to(array.dtype)
             array[th.as_tensor(rows, device=self.device), th.as_tensor(cols, device=self.device)] = value
         else:
-            array[rows, cols] = value
+            array[rows, cols] = value.cpu().numpy() if isinstance(value, th.Tensor) else value
 
     def _gather(self, array: np.ndarray | th.Tensor, rows: Any, cols: Any, dtype: th.dtype | None = None) -> th.Tensor:
         """``array[rows, cols]`` as a tensor on the device (in ``dtype``, else the stored one)."""
@@ -327,12 +327,8 @@ class SequenceReplayBuffer:
         if self.latent_dims is None:
             return
         rows, cols = indices
-        if self.on_device:
-            self._write(self.deter, rows, cols, deter.detach())
-            self._write(self.stoch, rows, cols, stoch.detach())
-        else:
-            self.deter[rows, cols] = deter.detach().cpu().numpy()
-            self.stoch[rows, cols] = stoch.detach().cpu().numpy()
+        self._write(self.deter, rows, cols, deter.detach())
+        self._write(self.stoch, rows, cols, stoch.detach())
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
