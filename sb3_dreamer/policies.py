@@ -185,7 +185,7 @@ class DreamerPolicy(BasePolicy):
         actor): each becomes a few fused kernels instead of dozens. Shapes are static, so each batch
         shape compiles once (training batch, imagination starts, acting envs)."""
         rssm = self.world_model.rssm
-        rssm.obs_step = th.compile(rssm.obs_step, dynamic=False)  # type: ignore[method-assign]
+        rssm.posterior_step = th.compile(rssm.posterior_step, dynamic=False)  # type: ignore[method-assign]
         rssm.img_step = th.compile(rssm.img_step, dynamic=False)  # type: ignore[method-assign]
         self.actor.net.forward = th.compile(self.actor.net.forward, dynamic=False)  # type: ignore[method-assign]
 
@@ -306,6 +306,7 @@ class DreamerPolicy(BasePolicy):
         feats, actions, log_probs, entropies = [], [], [], []
         deter, stoch = deter.detach(), stoch.detach()
         with th.set_grad_enabled(backprop and th.is_grad_enabled()):
+            weights = rssm.gru_weights()
             for t in range(horizon + 1):
                 feat = th.cat([deter, stoch], -1)
                 dist = self.actor(feat)
@@ -316,7 +317,7 @@ class DreamerPolicy(BasePolicy):
                     log_probs.append(dist.log_prob(action.detach()))
                     entropies.append(dist.entropy())
                 if t < horizon:
-                    deter, stoch = rssm.img_step(deter, stoch, action)
+                    deter, stoch = rssm.img_step(deter, stoch, action, weights)
         stack = lambda xs: th.stack(xs, 1)  # noqa: E731
         if backprop:
             return Trajectory(stack(feats), stack(actions), stack(log_probs), stack(entropies))

@@ -1,10 +1,12 @@
 """The optimised paths against the eager ones: same losses for the same batch and seed.
 
-Tolerances: CUDA graph vs eager at the same precision, 2% on the losses and a cosine similarity
+Tolerances: CUDA graph (or compiled steps on CPU) vs eager at the same precision, 2% on the losses and a cosine similarity
 above 0.95 between the parameter updates (float rounding differs between the paths, and where two
 perturbed logits nearly tie a categorical sample flips); bfloat16 autocast vs float32 on CPU, 5%
 on the world-model losses and 10% on the KL (what bfloat16's 8-bit mantissa costs).
 """
+
+import shutil
 
 import pytest
 import torch as th
@@ -35,6 +37,21 @@ def _flat_params(model: Dreamer) -> th.Tensor:
     return th.cat([p.detach().flatten() for p in model.policy.parameters()])
 
 
+def _assert_same_updates(optimised: Dreamer, eager: Dreamer, batches: list, start: th.Tensor) -> None:
+    """Train both on the same batches and seeds: the same losses (within 2%) and parameter moves
+    in the same direction (cosine > 0.95)."""
+    for i, batch in enumerate(batches):
+        th.manual_seed(100 + i)
+        got = {k: v.item() for k, v in optimised.train_step(batch).items()}
+        th.manual_seed(100 + i)
+        want = {k: v.item() for k, v in eager.train_step(batch).items()}
+        for key in ("model_loss", "rec_loss", "reward_loss", "cont_loss", "dyn_kl", "critic_loss"):
+            assert got[key] == pytest.approx(want[key], rel=2e-2, abs=1e-3), (i, key)
+    moved_optimised, moved_eager = _flat_params(optimised) - start, _flat_params(eager) - start
+    assert moved_eager.abs().max() > 1e-4
+    assert th.nn.functional.cosine_similarity(moved_optimised, moved_eager, dim=0) > 0.95
+
+
 @cuda
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 @pytest.mark.parametrize("compile_steps", [False, True])
@@ -53,16 +70,7 @@ def test_cuda_graph_matches_eager(precision, compile_steps, monkeypatch):
     graphed._captured_update.capture(batches[0])  # leaves parameters and optimiser state as they were
     start = _flat_params(eager)
     th.testing.assert_close(_flat_params(graphed), start)
-    for i, batch in enumerate(batches):
-        th.manual_seed(100 + i)
-        got = {k: v.item() for k, v in graphed.train_step(batch).items()}
-        th.manual_seed(100 + i)
-        want = {k: v.item() for k, v in eager.train_step(batch).items()}
-        for key in ("model_loss", "rec_loss", "reward_loss", "cont_loss", "dyn_kl", "critic_loss"):
-            assert got[key] == pytest.approx(want[key], rel=2e-2, abs=1e-3), (i, key)
-    moved_graphed, moved_eager = _flat_params(graphed) - start, _flat_params(eager) - start
-    assert moved_eager.abs().max() > 1e-4
-    assert th.nn.functional.cosine_similarity(moved_graphed, moved_eager, dim=0) > 0.95
+    _assert_same_updates(graphed, eager, batches, start)
 
 
 @cuda
@@ -75,6 +83,23 @@ def test_cuda_graph_learns_and_saves(tmp_path):
     model.save(tmp_path / "graphed")
     loaded = Dreamer.load(tmp_path / "graphed", env=model.get_env(), device="cuda")
     loaded.learn(50, reset_num_timesteps=False)
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="inductor needs a C++ compiler")
+def test_compiled_steps_match_eager_on_cpu(monkeypatch):
+    """compile_steps, the optimised path on a CPU (torch.compile of the posterior step, the prior
+    step and the actor), against eager: same tolerances as the CUDA graph test."""
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    th._dynamo.utils.counters.clear()
+    kwargs = dict(learning_rate=1e-3, optimizer_kwargs=dict(warmup=0))
+    compiled = _model("cpu", compile_steps=True, **kwargs)
+    eager = _model("cpu", compile_steps=False, **kwargs)
+    start = _flat_params(eager)
+    th.testing.assert_close(_flat_params(compiled), start)
+    _assert_same_updates(compiled, eager, _batches(eager, 3), start)
+    assert th._dynamo.utils.counters["stats"]["unique_graphs"] >= 3  # posterior step, prior step, actor
 
 
 def test_bfloat16_autocast_matches_float32_on_cpu():

@@ -5,12 +5,16 @@ variables with K classes, flattened one-hot samples). ``feat = [h, z]`` feeds ev
 
 - ``obs_step``: posterior step, h_t = f(h_{t-1}, z_{t-1}, a_{t-1}), z_t ~ q(z | h_t, embed_t).
 - ``img_step``: prior step, h_t = f(...), z_t ~ p(z | h_t).
-- ``observe``: obs_step over a [B, T] sequence, resetting h, z and the previous action at is_first.
+- ``observe``: obs_step over a [B, T] sequence, resetting h, z and the previous action at is_first;
+  the work that does not depend on the previous step (weight split, action and embedding
+  projections) is done once for the sequence.
 
 The initial state is all zeros; a reset multiplies the carry by ``1 - is_first``.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch as th
 import torch.nn.functional as F
@@ -19,6 +23,14 @@ from torch import nn
 from sb3_dreamer.distributions import sample_onehot
 from sb3_dreamer.functional import unimix_logits
 from sb3_dreamer.networks.layers import MLP, BlockLinear, Linear, NormLinear, RMSNorm, init_linear_
+
+
+class GRUWeights(NamedTuple):
+    """The block GRU's hidden-layer weight ``gru_hidden.weight`` [G, D/G + 3*hidden, D/G] split by input."""
+
+    deter: th.Tensor  # [G, D/G, D/G]: each block's rows for its own slice of h
+    state: th.Tensor  # [2*hidden, D]: the rows for in(h) and in(z), all blocks side by side
+    action: th.Tensor  # [hidden, D]: the rows for in(a)
 
 
 class RSSM(nn.Module):
@@ -52,6 +64,7 @@ class RSSM(nn.Module):
             raise ValueError(f"deter={deter} must be divisible by blocks={blocks}")
         self.deter_dim, self.stoch, self.classes, self.blocks = deter, stoch, classes, blocks
         self.stoch_dim = stoch * classes
+        self.hidden = hidden
         self.unimix = unimix
         self.in_deter = NormLinear(deter, hidden)
         self.in_stoch = NormLinear(self.stoch_dim, hidden)
@@ -77,23 +90,46 @@ class RSSM(nn.Module):
         """Zero state: deter [N, D], stoch [N, S*K]."""
         return th.zeros(batch_size, self.deter_dim, device=device), th.zeros(batch_size, self.stoch_dim, device=device)
 
-    def core(self, deter: th.Tensor, stoch: th.Tensor, action: th.Tensor) -> th.Tensor:
-        """Block GRU: h [N, D], z [N, S*K], a [N, A] -> next h [N, D].
+    def gru_weights(self) -> GRUWeights:
+        """The block GRU's hidden-layer weight split by input (see :class:`GRUWeights`).
+
+        A sequence splits it once and passes it to every step, so neither the split nor its
+        backward runs per step.
+        """
+        weight = self.gru_hidden.weight  # [G, D/G + 3*hidden, D/G]
+        size = self.deter_dim // self.blocks
+        shared = weight[:, size:].transpose(0, 1).reshape(-1, self.deter_dim)  # [3*hidden, D]
+        return GRUWeights(weight[:, :size], shared[: 2 * self.hidden], shared[2 * self.hidden :])
+
+    def action_input(self, action: th.Tensor, weights: GRUWeights) -> th.Tensor:
+        """The action's term of the GRU's hidden layer, its bias included: [..., A] -> [..., D].
+
+        Actions are squashed by ``a / max(1, |a|)`` first. Independent of the state, so a replayed
+        sequence computes it for all steps at once.
+        """
+        action = action / th.clamp(action.abs(), min=1.0).detach()
+        return F.linear(self.in_action(action), weights.action.t(), self.gru_hidden.bias)
+
+    def core(self, deter: th.Tensor, stoch: th.Tensor, action: th.Tensor, weights: GRUWeights | None = None) -> th.Tensor:
+        """Block GRU: h [N, D], z [N, S*K], a [N, A] -> next h [N, D] (``weights``: from
+        :meth:`gru_weights`, None to split them here)."""
+        weights = self.gru_weights() if weights is None else weights
+        return self.gru(deter, stoch, self.action_input(action, weights), weights)
+
+    def gru(self, deter: th.Tensor, stoch: th.Tensor, action_in: th.Tensor, weights: GRUWeights) -> th.Tensor:
+        """Block GRU from h [N, D], z [N, S*K] and the action's term ``action_in`` [N, D] -> next h [N, D].
 
         Each block g sees its own slice of h and the shared input x = [in(h), in(z), in(a)]; its
         weight ``gru_hidden.weight[g]`` is split into the rows for h and the rows for x, so the
-        shared part is one [N, 3*hidden] x [3*hidden, D] product instead of G copies of x
-        concatenated to the blocks (the same sums; the concatenation was a quarter of an imagination
-        step on CPU).
+        shared part is one [N, 2*hidden] x [2*hidden, D] product (plus the action's term) instead
+        of G copies of x concatenated to the blocks (the same sums; the concatenation was a
+        quarter of an imagination step on CPU).
         """
-        action = action / th.clamp(action.abs(), min=1.0).detach()
-        x = th.cat([self.in_deter(deter), self.in_stoch(stoch), self.in_action(action)], -1)
+        x = th.cat([self.in_deter(deter), self.in_stoch(stoch)], -1)
         n, g = deter.shape[0], self.blocks
         size = self.deter_dim // g
-        weight = self.gru_hidden.weight  # [G, D/G + 3*hidden, D/G]
-        w_deter, w_x = weight[:, :size], weight[:, size:].transpose(0, 1).reshape(x.shape[-1], -1)
         blocks = deter.view(n, g, size).transpose(0, 1)  # [G, N, D/G]
-        hidden = th.bmm(blocks, w_deter).transpose(0, 1) + th.addmm(self.gru_hidden.bias, x, w_x).view(n, g, size)
+        hidden = th.bmm(blocks, weights.deter).transpose(0, 1) + th.addmm(action_in, x, weights.state).view(n, g, size)
         hidden = F.silu(self.gru_norm(hidden.reshape(n, -1)))
         # Gates in block-major layout [G, N, 3*D/G], the bias folded into the product.
         gates = th.baddbmm(
@@ -135,13 +171,35 @@ class RSSM(nn.Module):
         :return: deter [N, D], stoch [N, S*K], posterior log-probs [N, S, K]
         """
         keep = (1.0 - is_first).unsqueeze(-1)
-        deter = self.core(deter * keep, stoch * keep, prev_action * keep)
+        weights = self.gru_weights()
+        action_in = self.action_input(prev_action * keep, weights)
+        return self.posterior_step(deter, stoch, keep, action_in, embed_proj, weights, deterministic)
+
+    def posterior_step(
+        self,
+        deter: th.Tensor,
+        stoch: th.Tensor,
+        keep: th.Tensor,
+        action_in: th.Tensor,
+        embed_proj: th.Tensor,
+        weights: GRUWeights,
+        deterministic: bool = False,
+    ) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+        """:meth:`obs_step` with the per-sequence work done by the caller: ``keep`` [N, 1] is
+        ``1 - is_first``, ``action_in`` [N, D] the :meth:`action_input` of the already reset
+        previous action, ``weights`` from :meth:`gru_weights`.
+
+        :return: deter [N, D], stoch [N, S*K], posterior log-probs [N, S, K]
+        """
+        deter = self.gru(deter * keep, stoch * keep, action_in, weights)
         logits = self.posterior_logits(deter, embed_proj)
         return deter, sample_onehot(logits, deterministic).flatten(-2), logits
 
-    def img_step(self, deter: th.Tensor, stoch: th.Tensor, action: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
-        """One prior (imagination) step: returns deter [N, D], stoch [N, S*K]."""
-        deter = self.core(deter, stoch, action)
+    def img_step(
+        self, deter: th.Tensor, stoch: th.Tensor, action: th.Tensor, weights: GRUWeights | None = None
+    ) -> tuple[th.Tensor, th.Tensor]:
+        """One prior (imagination) step: returns deter [N, D], stoch [N, S*K] (``weights`` as in :meth:`core`)."""
+        deter = self.core(deter, stoch, action, weights)
         return deter, sample_onehot(self.prior_logits(deter)).flatten(-2)
 
     def observe(
@@ -159,12 +217,19 @@ class RSSM(nn.Module):
         :param initial: (deter [B, D], stoch [B, S*K]) carried into step 0; None means zeros
         :return: deter [B, T, D], stoch [B, T, S*K], posterior log-probs [B, T, S, K]
         """
-        batch, steps = embed.shape[:2]
+        batch = embed.shape[0]
         deter, stoch = self.initial(batch, embed.device) if initial is None else initial
+        # Everything that does not depend on the previous step, for the whole sequence at once.
+        weights = self.gru_weights()
+        keep = (1.0 - is_first).unsqueeze(-1)  # [B, T, 1]
+        action_in = self.action_input(prev_action * keep, weights)  # [B, T, D]
         embed_proj = self.embed_projection(embed)
+        # unbind, not [:, t]: its backward stacks the T step gradients once, where T slices would
+        # each scatter into a zero tensor of the whole sequence.
+        inputs = zip(keep.unbind(1), action_in.unbind(1), embed_proj.unbind(1))
         deters, stochs, logits = [], [], []
-        for t in range(steps):
-            deter, stoch, logit = self.obs_step(deter, stoch, prev_action[:, t], embed_proj[:, t], is_first[:, t])
+        for keep_t, action_t, embed_t in inputs:
+            deter, stoch, logit = self.posterior_step(deter, stoch, keep_t, action_t, embed_t, weights)
             deters.append(deter)
             stochs.append(stoch)
             logits.append(logit)
