@@ -189,6 +189,13 @@ class DreamerPolicy(BasePolicy):
         rssm.img_step = th.compile(rssm.img_step, dynamic=False)  # type: ignore[method-assign]
         self.actor.net.forward = th.compile(self.actor.net.forward, dynamic=False)  # type: ignore[method-assign]
 
+    def set_training_mode(self, mode: bool) -> None:
+        """SB3's train/eval switch, skipped when already in ``mode``: ``nn.Module.train`` walks every
+        submodule, a quarter of a one-env ``predict`` on CPU. (No layer here behaves differently in
+        the two modes; the flag is kept for SB3's contract.)"""
+        if self.training != mode:
+            super().set_training_mode(mode)
+
     # ----------------------------------------------------------------------------------- acting
     def initial_state(self, n: int) -> LatentState:
         """Zero latent for ``n`` envs."""

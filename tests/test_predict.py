@@ -147,3 +147,15 @@ def test_to_env_action_maps_the_normalised_range_onto_the_bounds():
 def test_to_env_action_discrete_is_argmax():
     model = make_model("CartPole-v1")
     np.testing.assert_array_equal(model.policy.to_env_action(np.array([[1.0, 0.0], [0.0, 1.0]])), [0, 1])
+
+
+def test_set_training_mode_reaches_every_submodule(model):
+    """predict switches to eval mode and train() back, all submodules included (the switch is
+    skipped only when the policy is already in that mode)."""
+    policy = model.policy
+    obs = model.get_env().reset()
+    policy.set_training_mode(True)
+    policy.predict(obs)
+    assert not any(m.training for m in policy.modules())
+    policy.set_training_mode(True)
+    assert all(m.training for m in policy.modules())
