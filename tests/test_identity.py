@@ -7,8 +7,13 @@ fixed value instead of the observation (see :class:`TargetEnvBox` for why).
 Observations are random each step, so Dreamer's world model has to learn the interaction of
 observation and action before the actor can; that takes about 1,000 updates even at these small
 sizes (measured: reward predictions ignore the action until then), hence the step counts below.
-Each test takes one to two minutes on one CPU core. Random play scores (20 steps per episode):
+Each test takes one to three minutes on one CPU core. Random play scores (20 steps per episode):
 Discrete(3) 6.7, MultiDiscrete([3, 3]) 2.2, MultiBinary(2) 5, the Box target task -31.3.
+
+MultiDiscrete rewards only a joint match of both components, and when it is learned depends on
+the seed: evaluated every 500 steps with the code of commit af23816, seed 0 crossed 12 at 3,500
+steps (17.8, then 17-18.5 to 5,000), seed 2 at 3,000 (then 20), and seed 1 stayed below 5 up to
+5,000. At 3,000 steps seed 0 sat on the edge (9.2), so the test runs 4,000.
 """
 
 from __future__ import annotations
@@ -73,7 +78,7 @@ class TargetEnvBox(IdentityEnv[np.ndarray]):
     "make_env, steps, threshold",
     [
         (lambda: IdentityEnv(3, ep_length=EPISODE), 2000, 15.0),
-        (lambda: IdentityEnvMultiDiscrete(3, ep_length=EPISODE), 3000, 12.0),
+        (lambda: IdentityEnvMultiDiscrete(3, ep_length=EPISODE), 4000, 12.0),
         (lambda: IdentityEnvMultiBinary(2, ep_length=EPISODE), 2000, 15.0),
         (lambda: TargetEnvBox(), 1500, -12.0),
     ],
