@@ -110,6 +110,13 @@ class RSSM(nn.Module):
         action = action / th.clamp(action.abs(), min=1.0).detach()
         return F.linear(self.in_action(action), weights.action.t(), self.gru_hidden.bias)
 
+    def reset_inputs(self, prev_action: th.Tensor, is_first: th.Tensor, weights: GRUWeights) -> tuple[th.Tensor, th.Tensor]:
+        """The posterior step's reset inputs from is_first [...] (float 0/1) and prev_action [..., A]:
+        ``keep = 1 - is_first`` [..., 1] and the :meth:`action_input` of the previous action zeroed
+        at episode starts [..., D]."""
+        keep = (1.0 - is_first).unsqueeze(-1)
+        return keep, self.action_input(prev_action * keep, weights)
+
     def core(self, deter: th.Tensor, stoch: th.Tensor, action: th.Tensor, weights: GRUWeights | None = None) -> th.Tensor:
         """Block GRU: h [N, D], z [N, S*K], a [N, A] -> next h [N, D] (``weights``: from
         :meth:`gru_weights`, None to split them here)."""
@@ -170,9 +177,8 @@ class RSSM(nn.Module):
 
         :return: deter [N, D], stoch [N, S*K], posterior log-probs [N, S, K]
         """
-        keep = (1.0 - is_first).unsqueeze(-1)
         weights = self.gru_weights()
-        action_in = self.action_input(prev_action * keep, weights)
+        keep, action_in = self.reset_inputs(prev_action, is_first, weights)
         return self.posterior_step(deter, stoch, keep, action_in, embed_proj, weights, deterministic)
 
     def posterior_step(
@@ -185,9 +191,8 @@ class RSSM(nn.Module):
         weights: GRUWeights,
         deterministic: bool = False,
     ) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
-        """:meth:`obs_step` with the per-sequence work done by the caller: ``keep`` [N, 1] is
-        ``1 - is_first``, ``action_in`` [N, D] the :meth:`action_input` of the already reset
-        previous action, ``weights`` from :meth:`gru_weights`.
+        """:meth:`obs_step` with the per-sequence work done by the caller: ``keep`` [N, 1] and
+        ``action_in`` [N, D] from :meth:`reset_inputs`, ``weights`` from :meth:`gru_weights`.
 
         :return: deter [N, D], stoch [N, S*K], posterior log-probs [N, S, K]
         """
@@ -221,8 +226,7 @@ class RSSM(nn.Module):
         deter, stoch = self.initial(batch, embed.device) if initial is None else initial
         # Everything that does not depend on the previous step, for the whole sequence at once.
         weights = self.gru_weights()
-        keep = (1.0 - is_first).unsqueeze(-1)  # [B, T, 1]
-        action_in = self.action_input(prev_action * keep, weights)  # [B, T, D]
+        keep, action_in = self.reset_inputs(prev_action, is_first, weights)  # [B, T, 1], [B, T, D]
         embed_proj = self.embed_projection(embed)
         # unbind, not [:, t]: its backward stacks the T step gradients once, where T slices would
         # each scatter into a zero tensor of the whole sequence.
