@@ -41,12 +41,15 @@ def run_one(env_id: str, seed: int, steps: int, out: Path, kwargs: dict, eval_fr
     import torch as th
     from stable_baselines3.common.callbacks import BaseCallback, EvalCallback
     from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.vec_env import VecTransposeImage, is_vecenv_wrapped
 
     from sb3_dreamer import Dreamer
 
     env = make_vec_env(env_id, n_envs=1, seed=seed)
     model = Dreamer(policy_for(env.observation_space), env, seed=seed, **kwargs)
     eval_env = make_vec_env(env_id, n_envs=1, seed=seed + 10_000)
+    if is_vecenv_wrapped(model.get_env(), VecTransposeImage):  # as Dreamer wrapped the training env
+        eval_env = VecTransposeImage(eval_env)
     evaluations: list[tuple[int, float, float]] = []  # (env steps, mean return, seconds since start)
 
     class RecordEvaluation(BaseCallback):

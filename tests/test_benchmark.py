@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 from sb3_dreamer.benchmark import main
 
@@ -20,3 +21,15 @@ def test_benchmark_writes_records_and_table(tmp_path):
     assert record["n_updates"] > 0
     table = (tmp_path / "results.md").read_text()
     assert "| CartPole-v1 (475) |" in table
+
+
+def test_benchmark_evaluates_images_as_the_policy_was_trained(tmp_path):
+    """Pixel tasks: the eval env is channel-first like Dreamer's training env (SB3's EvalCallback
+    warns "Training and eval env are not of the same type" otherwise). ``--one`` runs in this process."""
+    kwargs = dict(policy_kwargs=dict(TINY_POLICY_KWARGS, depth=2), learning_starts=50, batch_size=2, sequence_length=8, train_ratio=4)
+    args = ["--one", "CartPolePixels-v1", "0", "--steps", "100", "--eval-freq", "100", "--eval-episodes", "1"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main([*args, "--out", str(tmp_path), "--kwargs", json.dumps(kwargs)])
+    assert not [w for w in caught if "not of the same type" in str(w.message)]
+    assert json.loads((tmp_path / "CartPolePixels-v1_seed0.json").read_text())["eval_timesteps"] == [100]
