@@ -333,12 +333,16 @@ class SequenceReplayBuffer:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["device"] = str(self.device)  # a torch.device pickles fine, but a str survives torch upgrades
-        # Rows are saved as numpy arrays whatever the storage, so a file written from GPU memory loads anywhere.
+        # Only the rows written so far are saved (a buffer that is not yet full would otherwise write
+        # its whole capacity: 7.7 GB for 2,000 rows of 64 x 64 frames), as numpy arrays whatever the
+        # storage, so a file written from GPU memory loads anywhere. __setstate__ pads them back.
+        rows = int(self.count.max())
+        numpy = lambda x: (x[:rows].cpu().numpy() if isinstance(x, th.Tensor) else x[:rows])  # noqa: E731
         for key in ARRAYS:
-            if isinstance(state.get(key), th.Tensor):
-                state[key] = state[key].cpu().numpy()
+            if isinstance(state.get(key), (np.ndarray, th.Tensor)):
+                state[key] = numpy(state[key])
             elif isinstance(state.get(key), dict):
-                state[key] = {k: v.cpu().numpy() if isinstance(v, th.Tensor) else v for k, v in state[key].items()}
+                state[key] = {k: numpy(v) for k, v in state[key].items()}
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -346,6 +350,12 @@ class SequenceReplayBuffer:
         self.device = get_device(state["device"])
         self.obs_spaces = observation_subspaces(self.observation_space)  # absent from buffers pickled before Dict support
         self.storage = state.get("storage", "host")  # absent from buffers pickled before the option
+        for key in ARRAYS:
+            value = getattr(self, key, None)
+            if isinstance(value, np.ndarray):
+                setattr(self, key, self._pad_to_capacity(value))
+            elif isinstance(value, dict):
+                setattr(self, key, {k: self._pad_to_capacity(v) for k, v in value.items()})
         if self.on_device and self._allocated:
             to_device = lambda x: th.as_tensor(x, device=self.device)  # noqa: E731
             for key in ARRAYS:
@@ -354,3 +364,11 @@ class SequenceReplayBuffer:
                     setattr(self, key, to_device(value))
                 elif isinstance(value, dict):
                     setattr(self, key, {k: to_device(v) for k, v in value.items()})
+
+    def _pad_to_capacity(self, rows: np.ndarray) -> np.ndarray:
+        """Saved rows [R, n_envs, ...] -> [capacity, n_envs, ...], zeros after them (see __getstate__)."""
+        if len(rows) == self.capacity:
+            return rows
+        full = np.zeros((self.capacity, *rows.shape[1:]), dtype=rows.dtype)
+        full[: len(rows)] = rows
+        return full

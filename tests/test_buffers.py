@@ -252,6 +252,22 @@ def test_replay_buffer_save_load_round_trip(tmp_path, truncate_last_traj):
     assert other._n_updates > 0
 
 
+def test_saved_replay_buffer_holds_only_the_rows_written(tmp_path):
+    """A buffer far from full is saved without its empty capacity (a 1M-row buffer of 64 x 64 frames
+    would otherwise write 12 GB for a few rows) and loads back at full capacity."""
+    model = make_model("CartPole-v1", learning_starts=10_000, buffer_size=1_000_000)
+    model.learn(20)
+    path = tmp_path / "replay.pkl"
+    model.save_replay_buffer(path)
+    assert path.stat().st_size < 50_000  # 1M empty rows of CartPole would be ~30 MB
+    other = make_model("CartPole-v1", buffer_size=1_000_000)
+    other.load_replay_buffer(path)
+    loaded, original = other.replay_buffer, model.replay_buffer
+    assert loaded.size() == original.size() > 20 and loaded.observations.shape == original.observations.shape
+    np.testing.assert_array_equal(loaded.observations, original.observations)
+    np.testing.assert_array_equal(loaded.is_first, original.is_first)
+
+
 def test_load_replay_buffer_errors(tmp_path):
     model = make_model("CartPole-v1", learning_starts=10_000)
     model.learn(5)
