@@ -16,6 +16,7 @@ one for rewards), and for images a strip of open-loop steps, real row over dream
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -210,18 +211,31 @@ def plot_dream(
     return Path(path)
 
 
+def within_one_episode(is_first: np.ndarray) -> int | None:
+    """Index of the first of B windows (is_first [B, T]) with no episode start after its first row,
+    None if every window crosses one. :func:`dream` treats its sequence as one episode from row 0."""
+    inside = ~np.asarray(is_first, dtype=bool)[:, 1:].any(axis=1)
+    return int(np.argmax(inside)) if inside.any() else None
+
+
 class DreamCallback(BaseCallback):
-    """Every ``log_freq`` env steps, dream over one replayed episode start and log the picture to
-    TensorBoard (``dream/predictions``; other loggers skip images).
+    """Every ``log_freq`` env steps, dream over a replayed sequence that stays inside one episode
+    and log the picture to TensorBoard (``dream/predictions``; other loggers skip images). When
+    none of ``candidates`` sampled windows stays inside one episode (episodes shorter than
+    ``sequence_length``), it warns and logs nothing that time.
 
     :param log_freq: env steps between pictures
     :param sequence_length: steps of the replayed sequence (context included)
     :param context: observed steps before the open-loop part
+    :param candidates: windows sampled to find one inside an episode
     """
 
-    def __init__(self, log_freq: int = 5_000, sequence_length: int = 40, context: int = 5, verbose: int = 0) -> None:
+    def __init__(
+        self, log_freq: int = 5_000, sequence_length: int = 40, context: int = 5, candidates: int = 32, verbose: int = 0
+    ) -> None:
         super().__init__(verbose)
         self.log_freq, self.sequence_length, self.context = log_freq, sequence_length, context
+        self.candidates = candidates
 
     def _on_step(self) -> bool:
         if self.num_timesteps % self.log_freq >= self.training_env.num_envs:
@@ -232,14 +246,19 @@ class DreamCallback(BaseCallback):
         import matplotlib.pyplot as plt
         from stable_baselines3.common.logger import Figure
 
-        data = buffer.sample(1, self.sequence_length)
-        if isinstance(data.observations, dict):
-            obs: np.ndarray | dict[str, np.ndarray] = {key: x.cpu().numpy() for key, x in data.observations.items()}
-        else:
-            obs = data.observations.cpu().numpy()
-        actions = data.actions.cpu().numpy()
-        predicted = dream(self.model.policy, obs, actions, self.context)  # type: ignore[arg-type]
-        fig = dream_figure(obs, data.rewards[0].cpu().numpy(), predicted, self.context)
+        data = buffer.sample(self.candidates, self.sequence_length)
+        i = within_one_episode(data.is_first.cpu().numpy())
+        if i is None:
+            warnings.warn(
+                f"DreamCallback: none of {self.candidates} replayed windows of {self.sequence_length} steps stays inside "
+                "one episode; lower sequence_length to see dreams of these short episodes",
+                stacklevel=2,
+            )
+            return True
+        one = lambda x: x[i : i + 1].cpu().numpy()  # noqa: E731
+        obs = {key: one(x) for key, x in data.observations.items()} if isinstance(data.observations, dict) else one(data.observations)
+        predicted = dream(self.model.policy, obs, one(data.actions), self.context)  # type: ignore[arg-type]
+        fig = dream_figure(obs, one(data.rewards)[0], predicted, self.context)
         self.logger.record("dream/predictions", Figure(fig, close=True), exclude=("stdout", "log", "json", "csv"))
         plt.close(fig)
         return True

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch as th
 
-from sb3_dreamer.dreams import DreamCallback, plot_dream
+from sb3_dreamer.dreams import DreamCallback, plot_dream, within_one_episode
 
-from .helpers import make_model
+from .helpers import counting_env, make_model
 
 
 def _sequence(model, steps=12):
@@ -68,3 +68,16 @@ def test_dream_callback_logs_a_picture_to_tensorboard(tmp_path):
     runs = list(tmp_path.iterdir())
     events = EventAccumulator(str(runs[0]), size_guidance={"images": 0}).Reload()
     assert "dream/predictions" in events.Tags()["images"]
+
+
+def test_within_one_episode_picks_a_window_with_no_later_episode_start():
+    is_first = np.array([[1, 0, 1, 0], [0, 0, 0, 1], [1, 0, 0, 0], [0, 0, 0, 0]], dtype=bool)
+    assert within_one_episode(is_first) == 2
+    assert within_one_episode(is_first[[0, 1, 3]]) == 2
+    assert within_one_episode(is_first[:2]) is None
+
+
+def test_dream_callback_warns_when_episodes_are_shorter_than_its_window():
+    model = make_model(counting_env(max_episode_steps=5), seed=0)
+    with pytest.warns(UserWarning, match="stays inside one episode"):
+        model.learn(120, callback=DreamCallback(log_freq=100, sequence_length=12, context=4))
