@@ -29,6 +29,7 @@ Time alignment (one row per env step, per env column)::
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -84,6 +85,17 @@ def action_vector_dim(action_space: spaces.Space) -> int:
 
 # The row arrays of a SequenceReplayBuffer (numpy in RAM, or tensors with storage="device").
 ARRAYS = ("observations", "actions", "rewards", "is_first", "is_last", "is_terminal", "deter", "stoch")
+
+
+def map_arrays(values: dict, fn: Callable[[Any], Any]) -> None:
+    """Replace each stored array of :data:`ARRAYS` in ``values`` (a buffer's ``__dict__`` or its
+    pickled state) by ``fn(array)``, per key for a Dict observation's dict of arrays; absent ones are skipped."""
+    for key in ARRAYS:
+        value = values.get(key)
+        if isinstance(value, dict):
+            values[key] = {k: fn(v) for k, v in value.items()}
+        elif value is not None:
+            values[key] = fn(value)
 
 
 class SequenceReplayBuffer:
@@ -337,12 +349,7 @@ class SequenceReplayBuffer:
         # its whole capacity: 7.7 GB for 2,000 rows of 64 x 64 frames), as numpy arrays whatever the
         # storage, so a file written from GPU memory loads anywhere. __setstate__ pads them back.
         rows = int(self.count.max())
-        numpy = lambda x: (x[:rows].cpu().numpy() if isinstance(x, th.Tensor) else x[:rows])  # noqa: E731
-        for key in ARRAYS:
-            if isinstance(state.get(key), (np.ndarray, th.Tensor)):
-                state[key] = numpy(state[key])
-            elif isinstance(state.get(key), dict):
-                state[key] = {k: numpy(v) for k, v in state[key].items()}
+        map_arrays(state, lambda x: x[:rows].cpu().numpy() if isinstance(x, th.Tensor) else x[:rows])
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -350,25 +357,14 @@ class SequenceReplayBuffer:
         self.device = get_device(state["device"])
         self.obs_spaces = observation_subspaces(self.observation_space)  # absent from buffers pickled before Dict support
         self.storage = state.get("storage", "host")  # absent from buffers pickled before the option
-        for key in ARRAYS:
-            value = getattr(self, key, None)
-            if isinstance(value, np.ndarray):
-                setattr(self, key, self._pad_to_capacity(value))
-            elif isinstance(value, dict):
-                setattr(self, key, {k: self._pad_to_capacity(v) for k, v in value.items()})
-        if self.on_device and self._allocated:
-            to_device = lambda x: th.as_tensor(x, device=self.device)  # noqa: E731
-            for key in ARRAYS:
-                value = getattr(self, key, None)
-                if isinstance(value, np.ndarray):
-                    setattr(self, key, to_device(value))
-                elif isinstance(value, dict):
-                    setattr(self, key, {k: to_device(v) for k, v in value.items()})
+        device = self.device if self.on_device and self._allocated else None
+        map_arrays(self.__dict__, lambda x: self._pad_to_capacity(x, device))
 
-    def _pad_to_capacity(self, rows: np.ndarray) -> np.ndarray:
-        """Saved rows [R, n_envs, ...] -> [capacity, n_envs, ...], zeros after them (see __getstate__)."""
-        if len(rows) == self.capacity:
-            return rows
-        full = np.zeros((self.capacity, *rows.shape[1:]), dtype=rows.dtype)
-        full[: len(rows)] = rows
-        return full
+    def _pad_to_capacity(self, rows: np.ndarray, device: th.device | None = None) -> np.ndarray | th.Tensor:
+        """Saved rows [R, n_envs, ...] -> [capacity, n_envs, ...], zeros after them (see __getstate__);
+        a tensor on ``device`` when given (storage on the device)."""
+        full = rows
+        if len(rows) != self.capacity:
+            full = np.zeros((self.capacity, *rows.shape[1:]), dtype=rows.dtype)
+            full[: len(rows)] = rows
+        return full if device is None else th.as_tensor(full, device=device)
