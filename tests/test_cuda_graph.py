@@ -53,16 +53,24 @@ def _assert_same_updates(optimised: Dreamer, eager: Dreamer, batches: list, star
     assert th.nn.functional.cosine_similarity(moved_optimised, moved_eager, dim=0) > 0.95
 
 
+@pytest.fixture
+def inductor_fallback_random():
+    """Compiled kernels draw their random numbers as eager ones do, for this test only. Through the
+    config's own ``patch``: pytest's monkeypatch left torch 2.11's inductor config without the
+    attribute after its undo, which broke every later compiled test in the process."""
+    import torch._inductor.config
+
+    with torch._inductor.config.patch(fallback_random=True):
+        yield
+
+
 @cuda
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 @pytest.mark.parametrize("compile_steps", [False, True])
-def test_cuda_graph_matches_eager(precision, compile_steps, monkeypatch):
+def test_cuda_graph_matches_eager(precision, compile_steps, inductor_fallback_random):
     """Same seed, same batches: the graphed update gives the eager update's losses (within 2%:
     categorical samples can flip where float rounding differs) and moves the parameters the same way.
     Compiled kernels draw their random numbers as eager ones do (inductor's ``fallback_random``)."""
-    import torch._inductor.config
-
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     kwargs = dict(precision=precision, optimizer_kwargs=dict(warmup=0))
     graphed = _model("cuda", cuda_graph=True, compile_steps=compile_steps, learning_rate=1e-3, **kwargs)
     eager = _model("cuda", cuda_graph=False, compile_steps=False, learning_rate=1e-3, **kwargs)
@@ -87,12 +95,9 @@ def test_cuda_graph_learns_and_saves(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="inductor needs a C++ compiler")
-def test_compiled_steps_match_eager_on_cpu(monkeypatch):
+def test_compiled_steps_match_eager_on_cpu(inductor_fallback_random):
     """compile_steps, the optimised path on a CPU (torch.compile of the posterior step, the prior
     step and the actor), against eager: same tolerances as the CUDA graph test."""
-    import torch._inductor.config
-
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     th._dynamo.utils.counters.clear()
     kwargs = dict(learning_rate=1e-3, optimizer_kwargs=dict(warmup=0))
     compiled = _model("cpu", compile_steps=True, **kwargs)
