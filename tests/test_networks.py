@@ -11,7 +11,7 @@ from torch import distributions as D
 
 from sb3_dreamer.distributions import BoundedNormal, OneHotCategorical
 from sb3_dreamer.networks.actor_critic import Critic, critic_loss, update_return_percentiles
-from sb3_dreamer.networks.layers import BlockLinear
+from sb3_dreamer.networks.layers import BlockLinear, NormLinear
 from sb3_dreamer.optimizers import LaProp
 from sb3_dreamer.policies import DreamerPolicy
 
@@ -130,6 +130,16 @@ def test_block_gru_core_equals_the_gru_written_per_block():
     update = th.sigmoid(update - 1.0)
     expected = update * cand + (1.0 - update) * deter
     th.testing.assert_close(rssm.core(deter, stoch, action), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_norm_linear_sees_the_scale_of_its_input():
+    """Without a bias, Linear -> RMSNorm maps x and 2x to the same output (a 1-d Box action or
+    observation would be seen by its sign only); with it, they differ, and the sign still matters."""
+    th.manual_seed(0)
+    layer = NormLinear(1, 16)
+    half, one, minus = layer(th.tensor([[0.5], [1.0], [-1.0]]))
+    assert (half - one).abs().max() > 0.05
+    assert (one - minus).abs().max() > 0.05
 
 
 def test_rssm_rejects_indivisible_blocks():

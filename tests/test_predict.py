@@ -114,7 +114,8 @@ def test_episode_start_resets_per_env(model):
     _, state = model.predict(obs, state=state)
     _, state = model.predict(obs, state=state, episode_start=np.array([True, False]), deterministic=True)
     _, fresh = model.predict(obs[:1], deterministic=True)
-    np.testing.assert_array_equal(state[0][0], fresh[0][0])
+    # equal up to float rounding: a batch of two and a batch of one may take different matmul kernels
+    np.testing.assert_allclose(state[0][0], fresh[0][0], rtol=1e-5, atol=1e-6)
     assert not np.allclose(state[0][1], fresh[0][0])
 
 

@@ -2,7 +2,8 @@
 the channel norm of the convolutional encoder and decoder.
 
 DreamerV3 uses Linear -> RMSNorm -> SiLU everywhere, truncated-normal fan-in initialisation and zero
-biases; output layers can be scaled down (``outscale``), zero for reward and value heads.
+biases; output layers can be scaled down (``outscale``), zero for reward and value heads. Our
+:class:`NormLinear` initialises its bias like a weight column instead (see there for why).
 """
 
 from __future__ import annotations
@@ -48,12 +49,22 @@ class Linear(nn.Linear):
 
 
 class NormLinear(nn.Module):
-    """Linear -> RMSNorm -> SiLU, bias-free (the norm's scale replaces it): [..., in] -> [..., out]."""
+    """Linear (with bias) -> RMSNorm -> SiLU: [..., in] -> [..., out].
+
+    The bias is what lets the layer see its input's scale: RMSNorm(W c x) = RMSNorm(W x) for any
+    c > 0, so without it a 1-dimensional input (a Box action, a 1-d observation) is seen only by its
+    sign, and a vector only by its direction. It is initialised like one more input column that is
+    always 1, so the layer sees the scale from the first update.
+    """
 
     def __init__(self, in_features: int, out_features: int, eps: float = 1e-4) -> None:
         super().__init__()
-        self.linear = nn.Linear(in_features, out_features, bias=False)
-        init_linear_(self.linear.weight, in_features)
+        self.linear = nn.Linear(in_features, out_features)
+        weight = th.empty(out_features, in_features + 1)
+        init_linear_(weight, in_features + 1)
+        with th.no_grad():
+            self.linear.weight.copy_(weight[:, :-1])
+            self.linear.bias.copy_(weight[:, -1])
         self.norm = RMSNorm(out_features, eps=eps)
 
     def forward(self, x: th.Tensor) -> th.Tensor:
