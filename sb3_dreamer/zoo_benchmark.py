@@ -7,7 +7,10 @@ Every run is ``python -m sb3_dreamer.zoo train`` with the algorithm's own zoo hy
 (ours for Dreamer) and the same budget (``-n``), evaluation frequency and episodes
 (deterministic, one eval env), so the curves are comparable. Runs log to the zoo's
 ``<log-folder>/<algo>/<Env>_<N>/``, so ``rl_zoo3.plots.all_plots`` works on them too. A finished
-run leaves ``<out>/runs/<algo>_<env>_seed<S>.json``; a rerun skips it.
+run leaves ``<out>/runs/<algo>_<env>_seed<S>.json``; a rerun skips it. Pairs the zoo cannot run (no
+hyperparameters for the env in the algorithm's YAML, or an action space the algorithm does not
+support: DQN on Pendulum, SAC on CartPole) are skipped with a note, so one command covers a grid
+of mixed action spaces.
 
 Writes to ``<out>``:
 
@@ -55,6 +58,49 @@ RANDOM_RETURNS = {
 
 def run_name(algo: str, env_id: str, seed: int) -> str:
     return f"{algo}_{env_id}_seed{seed}"
+
+
+def hyperparams_file(algo: str) -> Path:
+    """The YAML the zoo reads for ``algo``: ours for Dreamer, the zoo's own for the others."""
+    if algo == "dreamer":
+        from sb3_dreamer.zoo import default_config_path
+
+        return default_config_path()
+    import rl_zoo3
+
+    return Path(rl_zoo3.__file__).parent / "hyperparams" / f"{algo}.yml"
+
+
+def skip_reason(algo: str, env_id: str) -> str | None:
+    """Why the zoo cannot run ``algo`` on ``env_id``, or None if it can: no hyperparameters for the
+    env in the algorithm's YAML (neither its entry nor ``default``, as the zoo looks them up), or an
+    action space the algorithm does not support (SB3's own check, e.g. DQN on Pendulum, SAC on
+    CartPole). An algorithm the zoo does not know is left to the zoo's own error."""
+    path = hyperparams_file(algo)
+    if path.exists():
+        import yaml
+
+        entries = yaml.safe_load(path.read_text()) or {}
+        if env_id not in entries and "default" not in entries:
+            return f"no hyperparameters for it in {path}"
+    import gymnasium as gym
+    import rl_zoo3.import_envs  # noqa: F401  (registers the zoo's envs, e.g. CartPoleNoVel-v1)
+    from rl_zoo3.utils import ALGOS
+
+    from sb3_dreamer.zoo import register
+
+    register()
+    if algo not in ALGOS:
+        return None
+    algo_class = ALGOS[algo]
+    env = gym.make(env_id)
+    try:  # SB3 checks the action space before building anything (_init_setup_model=False)
+        algo_class(next(iter(algo_class.policy_aliases)), env, device="cpu", _init_setup_model=False)
+    except AssertionError as error:
+        return str(error)
+    finally:
+        env.close()
+    return None
 
 
 def train_command(algo: str, env_id: str, seed: int, args: argparse.Namespace) -> list[str]:
@@ -205,7 +251,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     (args.out / "runs").mkdir(parents=True, exist_ok=True)
 
-    grid = [(a, e, s) for a in args.algos for e in args.envs for s in args.seeds]
+    pairs = [(a, e) for a in args.algos for e in args.envs]
+    reasons = {pair: skip_reason(*pair) for pair in pairs}
+    for (algo, env_id), reason in reasons.items():
+        if reason is not None:
+            print(f"skipped {algo} on {env_id}: {reason}", flush=True)
+    grid = [(a, e, s) for a, e in pairs if reasons[a, e] is None for s in args.seeds]
     todo = [(a, e, s) for a, e, s in grid if not (args.out / "runs" / f"{run_name(a, e, s)}.json").exists()]
     print(f"{len(todo)} run(s) to do, {len(grid) - len(todo)} already done in {args.out}", flush=True)
     logs = {run_name(*key): args.out / "runs" / f"{run_name(*key)}.log" for key in todo}

@@ -101,7 +101,7 @@ def test_optimize_with_sqlite_storage(tmp_path):
 
 
 def test_grid_benchmark_writes_csv_table_and_png(tmp_path):
-    out = zoo("benchmark", "--algos", "dreamer", "ppo", "--envs", "CartPole-v1", "--seeds", "0", "--n-timesteps", "200",
+    out = zoo("benchmark", "--algos", "dreamer", "ppo", "sac", "--envs", "CartPole-v1", "--seeds", "0", "--n-timesteps", "200",
               "--eval-freq", "100", "--eval-episodes", "2", "--device", "cpu", "--out", "bench",
               "--params", "learning_starts:80", "train_ratio:16", TINY, cwd=tmp_path)  # fmt: skip
     bench = tmp_path / "bench"
@@ -110,6 +110,7 @@ def test_grid_benchmark_writes_csv_table_and_png(tmp_path):
     table = (bench / "results.md").read_text()
     assert "| dreamer | CartPole-v1 (475) |" in table and "| ppo | CartPole-v1 (475) |" in table and "IQM" in table
     assert (bench / "curves.png").stat().st_size > 10_000
+    assert "skipped sac on CartPole-v1: The algorithm only supports" in out and "| sac |" not in table  # SAC has no Discrete entry
     again = zoo("benchmark", "--algos", "dreamer", "ppo", "--envs", "CartPole-v1", "--seeds", "0", "--n-timesteps", "200",
                 "--eval-freq", "100", "--eval-episodes", "2", "--out", "bench", cwd=tmp_path)  # fmt: skip
     assert "0 run(s) to do, 2 already done" in again and "started" not in again and "started" in out
