@@ -1,6 +1,6 @@
 """Action distributions of the actor, in the normalised action space the world model sees.
 
-- :func:`sample_onehot`: the straight-through Gumbel-max one-hot sample shared by the actor and the
+- :func:`gumbel_noise` and :func:`sample_onehot`: the straight-through Gumbel-max one-hot sample shared by the actor and the
   RSSM's categorical latents.
 - :class:`OneHotCategorical` for ``Discrete``, ``MultiDiscrete`` and ``MultiBinary`` actions: actions
   are (concatenated) one-hot vectors [..., A].
@@ -19,19 +19,33 @@ import torch as th
 import torch.nn.functional as F
 
 
-def sample_onehot(log_probs: th.Tensor, deterministic: bool = False) -> th.Tensor:
+def gumbel_noise(shape: tuple[int, ...], device: th.device | str | None = None, dtype: th.dtype = th.float32) -> th.Tensor:
+    """Standard Gumbel noise ``-log(-log(u))``, u ~ U(0, 1], of ``shape``.
+
+    Drawn for a whole sequence at once by the loops (one random call instead of one per step), and
+    passed into the compiled step functions as an input, so they contain no random-number
+    generation (inductor's CPU generator is slower than ATen's, and the draws stay those of eager).
+    """
+    uniform = th.rand(shape, device=device, dtype=dtype).clamp_(1e-20, 1.0)
+    return -th.log(-th.log(uniform))
+
+
+def sample_onehot(log_probs: th.Tensor, deterministic: bool = False, noise: th.Tensor | None = None) -> th.Tensor:
     """Straight-through one-hot sample of categoricals given as log-probs [..., K]: [..., K].
 
     The forward value is a one-hot vector (argmax when ``deterministic``), the gradient that of the
     probabilities. Sampling uses the Gumbel-max trick, cheaper than ``multinomial`` on CPU; the
     one-hot is taken as "equals the maximum" (ties have probability zero under the Gumbel noise),
     3x cheaper on CPU than ``argmax`` + ``one_hot`` over a few classes.
+
+    :param noise: Gumbel noise [..., K] (:func:`gumbel_noise`); None draws it here
     """
     if deterministic:
         onehot = F.one_hot(log_probs.argmax(-1), log_probs.shape[-1]).to(log_probs.dtype)
     else:
-        uniform = th.rand_like(log_probs).clamp_(1e-20, 1.0)
-        perturbed = log_probs.detach() - th.log(-th.log(uniform))
+        if noise is None:
+            noise = gumbel_noise(log_probs.shape, log_probs.device, log_probs.dtype)
+        perturbed = log_probs.detach() + noise
         onehot = (perturbed == perturbed.amax(-1, keepdim=True)).to(log_probs.dtype)
     if not log_probs.requires_grad:
         return onehot
@@ -65,8 +79,8 @@ class OneHotCategorical:
         """One-hot sample per group with a straight-through gradient (that of the probabilities)."""
         if len(self.classes) == 1:
             return sample_onehot(self.log_probs)
-        uniform = th.rand_like(self.log_probs).clamp_(1e-20, 1.0)
-        onehot = self._onehot_max(self.log_probs.detach() - th.log(-th.log(uniform)))  # Gumbel-max per group
+        noise = gumbel_noise(self.log_probs.shape, self.log_probs.device, self.log_probs.dtype)
+        onehot = self._onehot_max(self.log_probs.detach() + noise)  # Gumbel-max per group
         if not self.log_probs.requires_grad:
             return onehot
         probs = self.log_probs.exp()

@@ -27,8 +27,6 @@ from stable_baselines3.common.vec_env import VecEnv
 
 from sb3_dreamer.buffers import SequenceReplayBuffer
 from sb3_dreamer.cuda_graph import CapturedUpdate
-from sb3_dreamer.functional import lambda_return
-from sb3_dreamer.networks.actor_critic import actor_loss, critic_loss, update_return_percentiles
 from sb3_dreamer.networks.world_model import WorldModelOutput
 from sb3_dreamer.optimizers import LaProp
 from sb3_dreamer.policies import (
@@ -106,7 +104,11 @@ class Dreamer(BaseAlgorithm):
         float32 otherwise
     :param compile_steps: ``torch.compile`` the per-step functions (posterior step, prior step,
         actor), fusing their small kernels; compiled once per batch shape (~10-30 s on a GPU).
-        None: on with CUDA graphs, off otherwise (on a CPU the compilation costs more than it saves)
+        None: on with CUDA graphs, off otherwise (on a CPU: ~0.8x the eager update after 1-2 minutes
+        of compilation, worth it for long runs; see the README's Speed section)
+    :param compile_losses: ``torch.compile`` the loss computations outside the time loops (world-model
+        heads and KL terms, REINFORCE actor loss, critic losses), forward and backward. Off by
+        default: it needs a C++ compiler on a CPU, and it has not been measured with CUDA graphs yet
     :param policy_kwargs: policy keyword arguments, e.g. ``dict(size="size12m")``
     :param replay_buffer_kwargs: extra :class:`SequenceReplayBuffer` keyword arguments, e.g.
         ``dict(storage="device")`` to keep replay in the training device's memory (GPU) instead of RAM
@@ -151,6 +153,7 @@ class Dreamer(BaseAlgorithm):
         cuda_graph: bool | None = None,
         precision: str = "auto",
         compile_steps: bool | None = None,
+        compile_losses: bool = False,
         policy_kwargs: dict[str, Any] | None = None,
         replay_buffer_kwargs: dict[str, Any] | None = None,
         stats_window_size: int = 100,
@@ -205,6 +208,7 @@ class Dreamer(BaseAlgorithm):
         self.cuda_graph = cuda_graph
         self.precision = precision
         self.compile_steps = compile_steps
+        self.compile_losses = compile_losses
         self._captured_update: CapturedUpdate | None = None
         self._check_speed_options(policy_kwargs or {})
         self.replay_buffer_kwargs = replay_buffer_kwargs or {}
@@ -242,6 +246,8 @@ class Dreamer(BaseAlgorithm):
         self._captured_update = None
         if self.compile_steps or (self.compile_steps is None and self.uses_cuda_graph):
             self.policy.compile_steps()
+        if self.compile_losses:
+            self.policy.compile_losses()
 
     def _check_speed_options(self, policy_kwargs: dict[str, Any]) -> None:
         """Refuse, at construction, speed options this device or optimiser cannot honour. (A model
@@ -469,7 +475,7 @@ class Dreamer(BaseAlgorithm):
 
     def _losses(self, data: SequenceSamples) -> tuple[th.Tensor, dict[str, th.Tensor], WorldModelOutput]:
         """The total loss of one update, its detached terms, and the world model's output."""
-        policy, wm, critic = self.policy, self.policy.world_model, self.policy.critic
+        policy, wm = self.policy, self.policy.world_model
         batch, steps = data.rewards.shape
         # 1. World model on the replayed batch.
         initial = None if data.context_deter is None else (data.context_deter, data.context_stoch)
@@ -483,62 +489,31 @@ class Dreamer(BaseAlgorithm):
             deter, stoch = deter[starts], stoch[starts]
         if self.backprop_actor:
             # 3a. Actor: maximise the lambda-returns, differentiated through dynamics, heads and critic.
-            with frozen(wm, critic):
-                traj = policy.imagine(deter, stoch, self.imagination_horizon, backprop=True)
-                reward, cont = wm.reward(traj.feat), wm.cont(traj.feat)
-                returns = lambda_return(reward, cont, critic.value(critic(traj.feat)), self.return_lambda)  # [N, H]
-            weight = th.cumprod(cont.detach(), 1)[:, :-1]
-            scale = update_return_percentiles(returns, policy.return_low, policy.return_high)
-            policy_loss = -(weight * (returns / scale + self.entropy_coef * traj.entropy[:, :-1])).mean()
-            traj = traj._replace(feat=traj.feat.detach())
-            reward, cont, returns = reward.detach(), cont.detach(), returns.detach()
-            value_logits = critic(traj.feat)
+            actor = policy.dynamics_loss(deter, stoch, self.imagination_horizon, self.return_lambda, self.entropy_coef)
         else:
-            traj = policy.imagine(deter, stoch, self.imagination_horizon)
-            with th.no_grad():
-                reward, cont = wm.reward(traj.feat), wm.cont(traj.feat)
-                weight = th.cumprod(cont, 1)[:, :-1]  # probability of still being in the episode
-            value_logits = critic(traj.feat)
-            value = critic.value(value_logits)
-            returns = lambda_return(reward, cont, value.detach(), self.return_lambda)  # [N, H]
             # 3a. Actor: REINFORCE with the percentile-normalised advantage.
-            scale = update_return_percentiles(returns, policy.return_low, policy.return_high)
-            advantage = (returns - value[:, :-1]) / scale
-            policy_loss = actor_loss(traj.log_prob[:, :-1], traj.entropy[:, :-1], advantage, weight, self.entropy_coef).mean()
-        # 3b. Critic on the imagined trajectories, regularised towards its slow copy.
-        with th.no_grad():
-            slow_value = critic.value(policy.critic_slow(traj.feat))
-        value_loss = (weight * critic_loss(critic, value_logits[:, :-1], returns, slow_value[:, :-1])).mean()
-        # 4. Replay value loss: the critic on real sequences, bootstrapped by the imagined returns
-        #    (by the critic's own value at states imagination did not start from).
+            traj = policy.imagine(deter, stoch, self.imagination_horizon)
+            actor = policy.reinforce_loss(traj, self.return_lambda, self.entropy_coef)
+        # 3b. Critic on the imagined trajectories and 4. on the replayed sequences (bootstrapped by
+        #     the imagined returns), both regularised towards its slow copy.
         real_feat = th.cat([wm_out.deter, wm_out.stoch], -1)
-        real_logits = critic(real_feat)
-        with th.no_grad():
-            real_slow = critic.value(policy.critic_slow(real_feat))
-            if starts is None:
-                boot = returns[:, 0].view(batch, steps)
-            else:
-                boot = critic.value(real_logits).flatten().index_put((starts,), returns[:, 0]).view(batch, steps)
-        real_returns = lambda_return(
-            data.rewards, (1.0 - data.is_terminal) * self.gamma, boot, self.return_lambda, last=data.is_last
+        value_loss, replay_loss = policy.critic_losses(
+            actor, real_feat, data.rewards, data.is_terminal, data.is_last, starts, self.gamma, self.return_lambda
         )
-        keep = 1.0 - data.is_last[:, :-1]
-        replay_loss = (keep * critic_loss(critic, real_logits[:, :-1], real_returns, real_slow[:, :-1])).mean()
-
         model_loss = wm_out.loss.mean()
-        loss = model_loss + policy_loss + value_loss + self.replay_value_scale * replay_loss
+        loss = model_loss + actor.policy_loss + value_loss + self.replay_value_scale * replay_loss
         metrics = {
             "loss": loss.detach(),
             "model_loss": model_loss.detach(),
             **wm_out.metrics,
-            "actor_loss": policy_loss.detach(),
+            "actor_loss": actor.policy_loss.detach(),
             "critic_loss": value_loss.detach(),
             "replay_value_loss": replay_loss.detach(),
-            "actor_entropy": traj.entropy.detach().mean(),
-            "return_scale": scale.detach(),
-            "imagined_return": returns.detach().mean(),
-            "imagined_reward": reward.mean(),
-            "imagined_cont": cont.mean(),
+            "actor_entropy": actor.entropy.mean(),
+            "return_scale": actor.scale.detach(),
+            "imagined_return": actor.returns.mean(),
+            "imagined_reward": actor.reward.mean(),
+            "imagined_cont": actor.cont.mean(),
         }
         return loss, {k: v.detach().float() for k, v in metrics.items()}, wm_out
 

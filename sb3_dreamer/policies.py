@@ -19,11 +19,12 @@ from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 
 from sb3_dreamer.buffers import action_classes, action_vector_dim, is_image
 from sb3_dreamer.dreams import Dream, dream
-from sb3_dreamer.networks.actor_critic import Actor, Critic
+from sb3_dreamer.functional import lambda_return
+from sb3_dreamer.networks.actor_critic import Actor, Critic, actor_loss, critic_loss, update_return_percentiles
 from sb3_dreamer.networks.world_model import WorldModel
 from sb3_dreamer.optimizers import LaProp
 from sb3_dreamer.presets import DEFAULT_SIZE, resolve_size
-from sb3_dreamer.type_aliases import LatentState, Trajectory
+from sb3_dreamer.type_aliases import ActorLosses, LatentState, Trajectory
 
 # The policy (alias) suited to each kind of observation space.
 POLICY_FOR_KIND = {"vector": "MlpLatentPolicy", "image": "CnnLatentPolicy", "dict": "MultiInputLatentPolicy"}
@@ -189,6 +190,16 @@ class DreamerPolicy(BasePolicy):
         rssm.img_step = th.compile(rssm.img_step, dynamic=False)  # type: ignore[method-assign]
         self.actor.net.forward = th.compile(self.actor.net.forward, dynamic=False)  # type: ignore[method-assign]
 
+    def compile_losses(self) -> None:
+        """``torch.compile`` the loss computations outside the time loops: the world model's heads
+        and KL terms (:meth:`~sb3_dreamer.networks.world_model.WorldModel.head_losses`), the
+        REINFORCE actor loss (:meth:`reinforce_loss`) and the critic's losses (:meth:`critic_losses`),
+        forward and backward: their elementwise operations fuse into a few kernels."""
+        wm = self.world_model
+        wm.head_losses = th.compile(wm.head_losses, dynamic=False)  # type: ignore[method-assign]
+        self.reinforce_loss = th.compile(self.reinforce_loss, dynamic=False)  # type: ignore[method-assign]
+        self.critic_losses = th.compile(self.critic_losses, dynamic=False)  # type: ignore[method-assign]
+
     def set_training_mode(self, mode: bool) -> None:
         """SB3's train/eval switch, skipped when already in ``mode``: ``nn.Module.train`` walks every
         submodule, a quarter of a one-env ``predict`` on CPU. (No layer here behaves differently in
@@ -314,6 +325,7 @@ class DreamerPolicy(BasePolicy):
         deter, stoch = deter.detach(), stoch.detach()
         with th.set_grad_enabled(backprop and th.is_grad_enabled()):
             weights = rssm.gru_weights()
+            noise = rssm.noise(horizon, deter.shape[0], device=deter.device).unbind(0)  # one random call
             for t in range(horizon + 1):
                 feat = th.cat([deter, stoch], -1)
                 dist = self.actor(feat)
@@ -324,13 +336,90 @@ class DreamerPolicy(BasePolicy):
                     log_probs.append(dist.log_prob(action.detach()))
                     entropies.append(dist.entropy())
                 if t < horizon:
-                    deter, stoch = rssm.img_step(deter, stoch, action, weights)
+                    deter, stoch = rssm.img_step(deter, stoch, action, weights, noise[t])
         stack = lambda xs: th.stack(xs, 1)  # noqa: E731
         if backprop:
             return Trajectory(stack(feats), stack(actions), stack(log_probs), stack(entropies))
         feat, action = stack(feats), stack(actions)
         dist = self.actor(feat)
         return Trajectory(feat, action, dist.log_prob(action), dist.entropy())
+
+
+    # ----------------------------------------------------------------------------------- losses
+    def reinforce_loss(self, traj: Trajectory, lam: float, entropy_coef: float) -> ActorLosses:
+        """REINFORCE actor loss on an imagined trajectory (from :meth:`imagine` without backprop):
+        ``-weight * (logpi(a) * sg(R - v) / scale + entropy_coef * H)``, with the lambda-returns R
+        bootstrapped by the critic and ``scale = max(1, P95 - P5)`` of the returns (EMA, updated
+        in place on ``return_low`` / ``return_high``)."""
+        wm, critic = self.world_model, self.critic
+        with th.no_grad():
+            reward, cont = wm.reward(traj.feat), wm.cont(traj.feat)
+            weight = th.cumprod(cont, 1)[:, :-1]  # probability of still being in the episode
+        value_logits = critic(traj.feat)
+        value = critic.value(value_logits)
+        returns = lambda_return(reward, cont, value.detach(), lam)  # [N, H]
+        scale = update_return_percentiles(returns, self.return_low, self.return_high)
+        advantage = (returns - value[:, :-1]) / scale
+        policy_loss = actor_loss(traj.log_prob[:, :-1], traj.entropy[:, :-1], advantage, weight, entropy_coef).mean()
+        return ActorLosses(
+            policy_loss, traj.feat, value_logits, returns.detach(), weight, scale, reward, cont, traj.entropy.detach()
+        )
+
+    def dynamics_loss(
+        self, deter: th.Tensor, stoch: th.Tensor, horizon: int, lam: float, entropy_coef: float
+    ) -> ActorLosses:
+        """Actor loss by backpropagation through the dynamics (continuous actions): imagine from
+        deter [N, D], stoch [N, S*K] with reparameterised actions and maximise
+        ``weight * (R / scale + entropy_coef * H)``, the lambda-returns R differentiated through the
+        dynamics, reward and continue heads and the critic (their parameters frozen)."""
+        wm, critic = self.world_model, self.critic
+        with frozen(wm, critic):
+            traj = self.imagine(deter, stoch, horizon, backprop=True)
+            reward, cont = wm.reward(traj.feat), wm.cont(traj.feat)
+            returns = lambda_return(reward, cont, critic.value(critic(traj.feat)), lam)  # [N, H]
+        weight = th.cumprod(cont.detach(), 1)[:, :-1]
+        scale = update_return_percentiles(returns, self.return_low, self.return_high)
+        policy_loss = -(weight * (returns / scale + entropy_coef * traj.entropy[:, :-1])).mean()
+        feat = traj.feat.detach()
+        return ActorLosses(
+            policy_loss, feat, critic(feat), returns.detach(), weight, scale, reward.detach(), cont.detach(),
+            traj.entropy.detach(),
+        )  # fmt: skip
+
+    def critic_losses(
+        self,
+        actor: ActorLosses,
+        real_feat: th.Tensor,
+        rewards: th.Tensor,
+        is_terminal: th.Tensor,
+        is_last: th.Tensor,
+        starts: th.Tensor | None,
+        gamma: float,
+        lam: float,
+    ) -> tuple[th.Tensor, th.Tensor]:
+        """The critic's two losses (0-d each), both regularised towards its slow copy.
+
+        - Imagined: two-hot cross-entropy towards the actor's lambda-returns, weighted by ``actor.weight``.
+        - Replay: on the real posterior features ``real_feat`` [B, T, F], towards lambda-returns of
+          the replayed ``rewards`` [B, T] bootstrapped by the imagined returns (by the critic's own
+          value at states imagination did not start from: ``starts`` [N] indexes the B*T states, None: all).
+        """
+        critic, slow = self.critic, self.critic_slow
+        with th.no_grad():
+            slow_value = critic.value(slow(actor.feat))
+        value_loss = (actor.weight * critic_loss(critic, actor.value_logits[:, :-1], actor.returns, slow_value[:, :-1])).mean()
+        batch, steps = rewards.shape
+        real_logits = critic(real_feat)
+        with th.no_grad():
+            real_slow = critic.value(slow(real_feat))
+            if starts is None:
+                boot = actor.returns[:, 0].view(batch, steps)
+            else:
+                boot = critic.value(real_logits).flatten().index_put((starts,), actor.returns[:, 0]).view(batch, steps)
+        real_returns = lambda_return(rewards, (1.0 - is_terminal) * gamma, boot, lam, last=is_last)
+        keep = 1.0 - is_last[:, :-1]
+        replay_loss = (keep * critic_loss(critic, real_logits[:, :-1], real_returns, real_slow[:, :-1])).mean()
+        return value_loss, replay_loss
 
 
 def batch_size(obs: PyTorchObs) -> int:

@@ -7,13 +7,22 @@ Reports, for one preset, device, precision and batch shape:
 
 - ms per update: median (and 10th/90th percentiles) of ``--updates`` timed gradient updates (world
   model + imagination + actor + critic + optimiser step, the replay sample included), after
-  ``--warmup`` untimed ones; CUDA graph capture happens in the warm-up and is reported apart;
+  ``--warmup`` untimed ones; compilation and CUDA graph capture happen in the warm-up, whose
+  seconds are printed apart (capture also on its own);
 - acting: ``predict()`` steps per second for one env with the latent carried (what
   ``evaluate_policy`` and ``collect_rollouts`` pay per env step), and its median ms;
 - learn: env steps per second of a real ``learn()`` run at the model's ``train_ratio``, after
   ``learning_starts`` (collection, updates and logging included).
 
 Replay is filled with random-action steps first, so the timed updates see real data.
+
+``--compare`` instead times the optimised paths against eager in one process: one model per path
+(eager; ``compile_steps``; ``compile_steps`` + ``compile_losses``), their updates interleaved (the
+order alternating), so a busy or throttled machine slows all of them alike; it prints each path's
+median ms per update, its median ratio to the eager update of the same round, and its warm-up
+seconds (compilation included; torch caches compiled code on disk, so a second run is faster):
+
+    python -m sb3_dreamer.speed --compare --threads 1
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ def measure(
     precision: str = "auto",
     cuda_graph: bool | None = None,
     compile_steps: bool | None = None,
+    compile_losses: bool = False,
     updates: int = 30,
     warmup: int = 5,
     acting_steps: int = 500,
@@ -53,11 +63,12 @@ def measure(
     fill = max(batch_size * sequence_length, 2 * sequence_length)
     kwargs = dict(
         batch_size=batch_size, sequence_length=sequence_length, imagination_starts=imagination_starts,
-        precision=precision, cuda_graph=cuda_graph, compile_steps=compile_steps, policy_kwargs=dict(size=size), device=device, seed=seed,
+        precision=precision, cuda_graph=cuda_graph, compile_steps=compile_steps, compile_losses=compile_losses, policy_kwargs=dict(size=size), device=device, seed=seed,
     )  # fmt: skip
     model = Dreamer("MlpLatentPolicy", env_id, learning_starts=fill, **kwargs)
-    model.learn(fill)  # random actions only: learning starts after `fill` steps
     dev = model.device
+    warm_start = time.perf_counter()
+    model.learn(fill)  # random actions, then the first update (compilation, if any)
 
     times = []
     for i in range(warmup + updates):
@@ -67,6 +78,7 @@ def measure(
         _sync(dev)
         times.append(time.perf_counter() - start)
     timed = np.array(times[warmup:]) * 1000
+    warmup_seconds = time.perf_counter() - warm_start - sum(times[warmup:])
     capture = model._captured_update.capture_seconds if model._captured_update is not None else 0.0
 
     env = model.get_env()
@@ -97,6 +109,8 @@ def measure(
         "precision": str(model.autocast_dtype or th.float32).replace("torch.", ""),
         "cuda_graph": model.uses_cuda_graph,
         "compile_steps": bool(model.compile_steps or (model.compile_steps is None and model.uses_cuda_graph)),
+        "compile_losses": model.compile_losses,
+        "warmup_s": warmup_seconds,
         "batch": f"B{batch_size} x T{sequence_length}, H{model.imagination_horizon}, "
         f"{imagination_starts or batch_size * sequence_length} imagination starts",
         "ms_per_update_median": float(np.median(timed)),
@@ -111,6 +125,59 @@ def measure(
     }
 
 
+# The paths ``--compare`` times: name -> Dreamer keyword arguments.
+COMPARED_PATHS: dict[str, dict[str, bool]] = {
+    "eager": dict(compile_steps=False, compile_losses=False),
+    "compile_steps": dict(compile_steps=True, compile_losses=False),
+    "compile_steps + compile_losses": dict(compile_steps=True, compile_losses=True),
+}
+
+
+def compare(
+    env_id: str = "CartPole-v1",
+    device: str = "cpu",
+    updates: int = 30,
+    warmup: int = 3,
+    seed: int = 0,
+    paths: dict[str, dict[str, bool]] | None = None,
+    **kwargs,
+) -> dict[str, dict[str, float]]:
+    """Interleaved timing of ``paths`` (default :data:`COMPARED_PATHS`), the first being the
+    reference: per path, the median ms per update, the median over rounds of its time divided by
+    the reference's in the same round, and its warm-up seconds. ``kwargs`` go to every ``Dreamer``."""
+    from sb3_dreamer import Dreamer
+
+    paths = COMPARED_PATHS if paths is None else paths
+    models, warm = {}, {}
+    for name, options in paths.items():
+        model = Dreamer("MlpLatentPolicy", env_id, device=device, seed=seed, **options, **kwargs)
+        fill = max(model.batch_size * model.sequence_length, 2 * model.sequence_length)
+        model.learning_starts = fill
+        start = time.perf_counter()
+        model.learn(fill)  # random actions, then the first update (compilation, if any)
+        for _ in range(warmup):
+            model.train(1)
+        _sync(model.device)
+        warm[name], models[name] = time.perf_counter() - start, model
+    names = list(paths)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(updates):
+        for name in names if i % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            models[name].train(1)
+            _sync(models[name].device)
+            times[name].append(time.perf_counter() - start)
+    reference = np.array(times[names[0]])
+    return {
+        name: {
+            "ms_per_update_median": float(np.median(times[name]) * 1000),
+            "ratio_to_reference": float(np.median(np.array(times[name]) / reference)),
+            "warmup_s": warm[name],
+        }
+        for name in names
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env", default="CartPole-v1")
@@ -122,15 +189,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--cuda-graph", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--compile-steps", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument("--compile-losses", default="off", choices=["on", "off"])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--updates", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--acting-steps", type=int, default=500)
     parser.add_argument("--learn-steps", type=int, default=1000)
     parser.add_argument("--json", action="store_true", help="print the record as JSON")
+    parser.add_argument("--compare", action="store_true", help="time eager against the compiled paths, interleaved")
     args = parser.parse_args(argv)
     if args.threads:
         th.set_num_threads(args.threads)
+    if args.compare:
+        shape = dict(batch_size=args.batch_size, sequence_length=args.sequence_length, policy_kwargs=dict(size=args.size))
+        results = compare(
+            env_id=args.env, device=args.device, updates=args.updates, imagination_starts=args.imagination_starts or None,
+            precision=args.precision, **shape,
+        )  # fmt: skip
+        if args.json:
+            print(json.dumps(results))
+            return
+        print(f"{args.env}, {args.size}, B{args.batch_size} x T{args.sequence_length}, torch {th.__version__}, "
+              f"{args.device} ({th.get_num_threads()} threads), {args.updates} interleaved updates per path")  # fmt: skip
+        for name, r in results.items():
+            print(
+                f"{name}: {r['ms_per_update_median']:.1f} ms median per update, {r['ratio_to_reference']:.3f} x eager "
+                f"(median of per-round ratios); warm-up {r['warmup_s']:.1f} s"
+            )
+        return
     record = measure(
         env_id=args.env,
         size=args.size,
@@ -141,6 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         precision=args.precision,
         cuda_graph={"auto": None, "on": True, "off": False}[args.cuda_graph],
         compile_steps={"auto": None, "on": True, "off": False}[args.compile_steps],
+        compile_losses=args.compile_losses == "on",
         updates=args.updates,
         warmup=args.warmup,
         acting_steps=args.acting_steps,
@@ -152,13 +239,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{record['size']} ({record['params'] / 1e6:.2f}M params), {record['batch']}")
     print(
         f"device {record['device']}, torch {record['torch']}, {record['precision']}, "
-        f"cuda_graph={record['cuda_graph']}, compile_steps={record['compile_steps']}"
+        f"cuda_graph={record['cuda_graph']}, compile_steps={record['compile_steps']}, "
+        f"compile_losses={record['compile_losses']}"
     )
     print(
         f"update: {record['ms_per_update_median']:.1f} ms median (p10 {record['ms_per_update_p10']:.1f}, "
         f"p90 {record['ms_per_update_p90']:.1f}), {record['updates_per_s']:.1f} updates/s"
         + (f"; capture {record['capture_s']:.1f} s (compilation included)" if record["cuda_graph"] else "")
     )
+    print(f"warm-up: {record['warmup_s']:.1f} s (replay filling, the untimed updates and any compilation)")
     print(f"acting: {record['acting_steps_per_s']:.0f} steps/s ({record['acting_ms_median']:.2f} ms median per predict)")
     print(f"learn(): {record['learn_env_steps_per_s']:.1f} env steps/s at train_ratio {record['train_ratio']:g}")
 

@@ -56,3 +56,17 @@ class Trajectory(NamedTuple):
     actions: th.Tensor  # [N, H+1, A]
     log_prob: th.Tensor  # [N, H+1], gradient into the actor
     entropy: th.Tensor  # [N, H+1], gradient into the actor
+
+
+class ActorLosses(NamedTuple):
+    """The actor's loss on an imagined :class:`Trajectory` and what the critic's losses reuse."""
+
+    policy_loss: th.Tensor  # 0-d
+    feat: th.Tensor  # [N, H+1, F] imagined features, detached
+    value_logits: th.Tensor  # [N, H+1, bins] the critic's logits at ``feat`` (gradient into the critic)
+    returns: th.Tensor  # [N, H] lambda-returns, detached
+    weight: th.Tensor  # [N, H] probability of still being in the episode, detached
+    scale: th.Tensor  # 0-d return scale max(1, P95 - P5)
+    reward: th.Tensor  # [N, H+1] predicted rewards, detached
+    cont: th.Tensor  # [N, H+1] predicted continues, detached
+    entropy: th.Tensor  # [N, H+1] the actor's entropies, detached

@@ -33,3 +33,18 @@ def test_benchmark_evaluates_images_as_the_policy_was_trained(tmp_path):
         main([*args, "--out", str(tmp_path), "--kwargs", json.dumps(kwargs)])
     assert not [w for w in caught if "not of the same type" in str(w.message)]
     assert json.loads((tmp_path / "CartPolePixels-v1_seed0.json").read_text())["eval_timesteps"] == [100]
+
+
+def test_speed_compare_times_every_path_against_the_first():
+    """``python -m sb3_dreamer.speed --compare`` on a tiny model, eager against itself (no compilation in CI)."""
+    from sb3_dreamer.speed import compare
+
+    eager = dict(compile_steps=False, compile_losses=False)
+    results = compare(
+        updates=2, warmup=1, paths={"eager": eager, "eager again": eager}, policy_kwargs=TINY_POLICY_KWARGS,
+        batch_size=2, sequence_length=8, imagination_starts=None,
+    )  # fmt: skip
+    assert list(results) == ["eager", "eager again"]
+    assert results["eager"]["ratio_to_reference"] == 1.0
+    for r in results.values():
+        assert r["ms_per_update_median"] > 0 and r["warmup_s"] > 0 and r["ratio_to_reference"] > 0

@@ -19,10 +19,10 @@ from tests.helpers import TINY_POLICY_KWARGS
 cuda = pytest.mark.skipif(not th.cuda.is_available(), reason="needs a CUDA device")
 
 
-def _model(device: str, optimizer_kwargs: dict | None = None, **kwargs) -> Dreamer:
+def _model(device: str, optimizer_kwargs: dict | None = None, imagination_starts: int | None = None, **kwargs) -> Dreamer:
     policy_kwargs = dict(TINY_POLICY_KWARGS, optimizer_kwargs=optimizer_kwargs or {})
     model = Dreamer(
-        "MlpLatentPolicy", "CartPole-v1", learning_starts=1_000, batch_size=4, sequence_length=8, imagination_starts=None,
+        "MlpLatentPolicy", "CartPole-v1", learning_starts=1_000, batch_size=4, sequence_length=8, imagination_starts=imagination_starts,
         policy_kwargs=policy_kwargs, device=device, seed=3, **kwargs,
     )  # fmt: skip
     model.learn(64)  # random steps (before learning_starts): fills the replay, no update yet
@@ -46,8 +46,13 @@ def _assert_same_updates(optimised: Dreamer, eager: Dreamer, batches: list, star
         got = {k: v.item() for k, v in optimised.train_step(batch).items()}
         th.manual_seed(100 + i)
         want = {k: v.item() for k, v in eager.train_step(batch).items()}
-        for key in ("model_loss", "rec_loss", "reward_loss", "cont_loss", "dyn_kl", "critic_loss"):
+        for key in ("model_loss", "rec_loss", "reward_loss", "cont_loss", "dyn_kl", "critic_loss", "replay_value_loss"):
             assert got[key] == pytest.approx(want[key], rel=2e-2, abs=1e-3), (i, key)
+    # The return percentiles' EMA, updated in place inside the update (a buffer mutation to keep,
+    # once per update). Early returns are ~1e-5, where sample flips move a percentile by ~10%.
+    for name in ("return_low", "return_high"):
+        want = getattr(eager.policy, name).item()
+        assert want != 0.0 and getattr(optimised.policy, name).item() == pytest.approx(want, rel=0.2), name
     moved_optimised, moved_eager = _flat_params(optimised) - start, _flat_params(eager) - start
     assert moved_eager.abs().max() > 1e-4
     assert th.nn.functional.cosine_similarity(moved_optimised, moved_eager, dim=0) > 0.95
@@ -66,13 +71,15 @@ def inductor_fallback_random():
 
 @cuda
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
-@pytest.mark.parametrize("compile_steps", [False, True])
-def test_cuda_graph_matches_eager(precision, compile_steps, inductor_fallback_random):
+@pytest.mark.parametrize(
+    "compiled", [{}, dict(compile_steps=True), dict(compile_steps=True, compile_losses=True)], ids=["eager", "steps", "losses"]
+)
+def test_cuda_graph_matches_eager(precision, compiled, inductor_fallback_random):
     """Same seed, same batches: the graphed update gives the eager update's losses (within 2%:
     categorical samples can flip where float rounding differs) and moves the parameters the same way.
     Compiled kernels draw their random numbers as eager ones do (inductor's ``fallback_random``)."""
     kwargs = dict(precision=precision, optimizer_kwargs=dict(warmup=0))
-    graphed = _model("cuda", cuda_graph=True, compile_steps=compile_steps, learning_rate=1e-3, **kwargs)
+    graphed = _model("cuda", cuda_graph=True, **dict(dict(compile_steps=False), **compiled), learning_rate=1e-3, **kwargs)
     eager = _model("cuda", cuda_graph=False, compile_steps=False, learning_rate=1e-3, **kwargs)
     batches = _batches(eager, 3)
     graphed._captured_update = CapturedUpdate(graphed._update, graphed.policy, graphed.policy.optimizer)
@@ -95,17 +102,20 @@ def test_cuda_graph_learns_and_saves(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="inductor needs a C++ compiler")
-def test_compiled_steps_match_eager_on_cpu(inductor_fallback_random):
-    """compile_steps, the optimised path on a CPU (torch.compile of the posterior step, the prior
-    step and the actor), against eager: same tolerances as the CUDA graph test."""
+def test_compiled_steps_and_losses_match_eager_on_cpu(inductor_fallback_random):
+    """compile_steps and compile_losses, the optimised path on a CPU (torch.compile of the posterior
+    step, the prior step and the actor, and of the loss regions: world-model heads, REINFORCE actor,
+    critic), against eager: same tolerances as the CUDA graph test. Imagination starts from a
+    subset of the states, so the replay value's bootstrap mixes imagined returns and critic values."""
     th._dynamo.utils.counters.clear()
-    kwargs = dict(learning_rate=1e-3, optimizer_kwargs=dict(warmup=0))
-    compiled = _model("cpu", compile_steps=True, **kwargs)
+    kwargs = dict(learning_rate=1e-3, optimizer_kwargs=dict(warmup=0), imagination_starts=16)
+    compiled = _model("cpu", compile_steps=True, compile_losses=True, **kwargs)
     eager = _model("cpu", compile_steps=False, **kwargs)
     start = _flat_params(eager)
     th.testing.assert_close(_flat_params(compiled), start)
     _assert_same_updates(compiled, eager, _batches(eager, 3), start)
-    assert th._dynamo.utils.counters["stats"]["unique_graphs"] >= 3  # posterior step, prior step, actor
+    # posterior step, prior step, actor; world-model heads, REINFORCE loss, critic losses
+    assert th._dynamo.utils.counters["stats"]["unique_graphs"] >= 6
 
 
 def test_bfloat16_autocast_matches_float32_on_cpu():

@@ -9,7 +9,7 @@ import torch as th
 from gymnasium import spaces
 from torch import distributions as D
 
-from sb3_dreamer.distributions import BoundedNormal, OneHotCategorical
+from sb3_dreamer.distributions import BoundedNormal, OneHotCategorical, gumbel_noise, sample_onehot
 from sb3_dreamer.networks.actor_critic import Critic, critic_loss, update_return_percentiles
 from sb3_dreamer.networks.layers import BlockLinear, NormLinear
 from sb3_dreamer.optimizers import LaProp
@@ -33,13 +33,14 @@ def random_sequence(seed: int = 0, reset_at: int | None = None):
     return embed, prev_action, is_first
 
 
-def obs_step_loop(rssm, embed, prev_action, is_first, deterministic: bool):
-    """observe() written out as a loop of obs_step from the zero state."""
+def obs_step_loop(rssm, embed, prev_action, is_first, deterministic: bool, noise=None):
+    """observe() written out as a loop of obs_step from the zero state (``noise`` [B, T, S, K] or None)."""
     deter, stoch = rssm.initial(embed.shape[0], embed.device)
     deters, stochs, logits = [], [], []
     for t in range(embed.shape[1]):
         proj = rssm.embed_projection(embed[:, t])
-        deter, stoch, logit = rssm.obs_step(deter, stoch, prev_action[:, t], proj, is_first[:, t], deterministic)
+        noise_t = None if noise is None else noise[:, t]
+        deter, stoch, logit = rssm.obs_step(deter, stoch, prev_action[:, t], proj, is_first[:, t], deterministic, noise_t)
         deters.append(deter)
         stochs.append(stoch)
         logits.append(logit)
@@ -63,12 +64,14 @@ def test_rssm_observe_shapes_and_one_hot_stoch():
 def test_rssm_observe_equals_obs_step_loop():
     rssm = make_rssm(E, A)
     sequence = random_sequence(reset_at=3)
-    th.manual_seed(123)
-    expected = rssm.observe(*sequence)
-    th.manual_seed(123)
-    got = obs_step_loop(rssm, *sequence, deterministic=False)
+    noise = rssm.noise(B, T)  # the same Gumbel noise for both: the same samples
+    expected = rssm.observe(*sequence, noise=noise)
+    got = obs_step_loop(rssm, *sequence, deterministic=False, noise=noise)
     for x, y in zip(got, expected):
         th.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    # The noise decides the samples: other noise, other latents.
+    other = rssm.observe(*sequence, noise=rssm.noise(B, T))[1]
+    assert not th.equal(other, expected[1])
 
 
 def test_rssm_reset_at_is_first_equals_fresh_start():
@@ -361,3 +364,15 @@ def test_frozen_passes_gradients_through_but_not_into_the_modules():
     assert all(p.grad is None for p in model.parameters())
     assert all(p.grad is not None for p in other.parameters())
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_sample_onehot_with_given_noise_is_gumbel_max():
+    """With the noise given, the sample is exactly the one-hot of argmax(log p + noise), its gradient
+    that of the probabilities; drawn noise is standard Gumbel (mean = Euler's constant)."""
+    log_probs = th.log_softmax(th.randn(64, 5), -1).requires_grad_()
+    noise = gumbel_noise((64, 5))
+    sample = sample_onehot(log_probs, noise=noise)
+    th.testing.assert_close(sample.detach(), th.nn.functional.one_hot((log_probs + noise).argmax(-1), 5).float())
+    (sample * th.arange(5.0)).sum().backward()
+    th.testing.assert_close(log_probs.grad, (log_probs.exp() * th.arange(5.0)).detach())  # d exp(log p) / d log p
+    assert gumbel_noise((200_000,)).mean().item() == pytest.approx(0.5772, abs=0.01)

@@ -20,7 +20,7 @@ import torch as th
 import torch.nn.functional as F
 from torch import nn
 
-from sb3_dreamer.distributions import sample_onehot
+from sb3_dreamer.distributions import gumbel_noise, sample_onehot
 from sb3_dreamer.functional import unimix_logits
 from sb3_dreamer.networks.layers import MLP, BlockLinear, Linear, NormLinear, RMSNorm, init_linear_
 
@@ -172,14 +172,16 @@ class RSSM(nn.Module):
         embed_proj: th.Tensor,
         is_first: th.Tensor,
         deterministic: bool = False,
+        noise: th.Tensor | None = None,
     ) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
-        """One posterior step; resets where ``is_first`` [N] (float 0/1).
+        """One posterior step; resets where ``is_first`` [N] (float 0/1); ``noise``: the sample's
+        Gumbel noise [N, S, K] (None: drawn here).
 
         :return: deter [N, D], stoch [N, S*K], posterior log-probs [N, S, K]
         """
         weights = self.gru_weights()
         keep, action_in = self.reset_inputs(prev_action, is_first, weights)
-        return self.posterior_step(deter, stoch, keep, action_in, embed_proj, weights, deterministic)
+        return self.posterior_step(deter, stoch, keep, action_in, embed_proj, weights, deterministic, noise)
 
     def posterior_step(
         self,
@@ -190,22 +192,34 @@ class RSSM(nn.Module):
         embed_proj: th.Tensor,
         weights: GRUWeights,
         deterministic: bool = False,
+        noise: th.Tensor | None = None,
     ) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
         """:meth:`obs_step` with the per-sequence work done by the caller: ``keep`` [N, 1] and
-        ``action_in`` [N, D] from :meth:`reset_inputs`, ``weights`` from :meth:`gru_weights`.
+        ``action_in`` [N, D] from :meth:`reset_inputs`, ``weights`` from :meth:`gru_weights`;
+        ``noise``: the sample's Gumbel noise [N, S, K] (None: drawn here).
 
         :return: deter [N, D], stoch [N, S*K], posterior log-probs [N, S, K]
         """
         deter = self.gru(deter * keep, stoch * keep, action_in, weights)
         logits = self.posterior_logits(deter, embed_proj)
-        return deter, sample_onehot(logits, deterministic).flatten(-2), logits
+        return deter, sample_onehot(logits, deterministic, noise).flatten(-2), logits
 
     def img_step(
-        self, deter: th.Tensor, stoch: th.Tensor, action: th.Tensor, weights: GRUWeights | None = None
+        self,
+        deter: th.Tensor,
+        stoch: th.Tensor,
+        action: th.Tensor,
+        weights: GRUWeights | None = None,
+        noise: th.Tensor | None = None,
     ) -> tuple[th.Tensor, th.Tensor]:
-        """One prior (imagination) step: returns deter [N, D], stoch [N, S*K] (``weights`` as in :meth:`core`)."""
+        """One prior (imagination) step: returns deter [N, D], stoch [N, S*K] (``weights`` as in
+        :meth:`core`; ``noise``: the sample's Gumbel noise [N, S, K], None: drawn here)."""
         deter = self.core(deter, stoch, action, weights)
-        return deter, sample_onehot(self.prior_logits(deter)).flatten(-2)
+        return deter, sample_onehot(self.prior_logits(deter), noise=noise).flatten(-2)
+
+    def noise(self, *shape: int, device: th.device | None = None) -> th.Tensor:
+        """Gumbel noise for the latent samples of ``shape`` steps (e.g. B, T): [*shape, S, K]."""
+        return gumbel_noise((*shape, self.stoch, self.classes), device)
 
     def observe(
         self,
@@ -213,6 +227,7 @@ class RSSM(nn.Module):
         prev_action: th.Tensor,
         is_first: th.Tensor,
         initial: tuple[th.Tensor, th.Tensor] | None = None,
+        noise: th.Tensor | None = None,
     ) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
         """Posterior states of a sequence.
 
@@ -220,6 +235,7 @@ class RSSM(nn.Module):
         :param prev_action: [B, T, A], the action taken before step t (row t-1's action)
         :param is_first: [B, T] float 0/1
         :param initial: (deter [B, D], stoch [B, S*K]) carried into step 0; None means zeros
+        :param noise: Gumbel noise of the samples [B, T, S, K]; None: drawn here, in one call
         :return: deter [B, T, D], stoch [B, T, S*K], posterior log-probs [B, T, S, K]
         """
         batch = embed.shape[0]
@@ -228,12 +244,13 @@ class RSSM(nn.Module):
         weights = self.gru_weights()
         keep, action_in = self.reset_inputs(prev_action, is_first, weights)  # [B, T, 1], [B, T, D]
         embed_proj = self.embed_projection(embed)
+        noise = self.noise(*embed.shape[:2], device=embed.device) if noise is None else noise
         # unbind, not [:, t]: its backward stacks the T step gradients once, where T slices would
         # each scatter into a zero tensor of the whole sequence.
-        inputs = zip(keep.unbind(1), action_in.unbind(1), embed_proj.unbind(1))
+        inputs = zip(keep.unbind(1), action_in.unbind(1), embed_proj.unbind(1), noise.unbind(1))
         deters, stochs, logits = [], [], []
-        for keep_t, action_t, embed_t in inputs:
-            deter, stoch, logit = self.posterior_step(deter, stoch, keep_t, action_t, embed_t, weights)
+        for keep_t, action_t, embed_t, noise_t in inputs:
+            deter, stoch, logit = self.posterior_step(deter, stoch, keep_t, action_t, embed_t, weights, noise=noise_t)
             deters.append(deter)
             stochs.append(stoch)
             logits.append(logit)

@@ -115,6 +115,26 @@ class WorldModel(nn.Module):
         """
         inputs = self.encoder.prepare(obs)
         deter, stoch, post = self.rssm.observe(self.encoder(inputs), prev_action, is_first, initial)
+        loss, metrics = self.head_losses(deter, stoch, post, inputs, reward, is_terminal, gamma)
+        return WorldModelOutput(loss, deter, stoch, metrics)
+
+    def head_losses(
+        self,
+        deter: th.Tensor,
+        stoch: th.Tensor,
+        post: th.Tensor,
+        inputs: th.Tensor | dict[str, th.Tensor],
+        reward: th.Tensor,
+        is_terminal: th.Tensor,
+        gamma: float,
+    ) -> tuple[th.Tensor, dict[str, th.Tensor]]:
+        """The per-step loss [B, T] and metrics of :meth:`loss` from the posterior states: prior,
+        decoder, reward and continue heads, and the two KL terms. No time loop, so one region for
+        ``torch.compile`` (:meth:`~sb3_dreamer.policies.DreamerPolicy.compile_losses`).
+
+        :param deter: [B, T, D] :param stoch: [B, T, S*K] :param post: posterior log-probs [B, T, S, K]
+        :param inputs: the encoder's prepared observations (``encoder.prepare``)
+        """
         prior = self.rssm.prior_logits(deter)
         feat = th.cat([deter, stoch], -1)
         rec = self.decoder.loss(feat, inputs)
@@ -133,4 +153,4 @@ class WorldModel(nn.Module):
             "prior_entropy": -(prior.exp() * prior).sum((-2, -1)).mean(),
             "post_entropy": -(post.exp() * post).sum((-2, -1)).mean(),
         }
-        return WorldModelOutput(loss, deter, stoch, metrics)
+        return loss, metrics
