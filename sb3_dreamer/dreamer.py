@@ -35,7 +35,6 @@ from sb3_dreamer.policies import (
     MlpLatentPolicy,
     MultiInputLatentPolicy,
     check_observation_space,
-    frozen,
 )
 from sb3_dreamer.type_aliases import LatentState, SequenceSamples
 

@@ -344,7 +344,6 @@ class DreamerPolicy(BasePolicy):
         dist = self.actor(feat)
         return Trajectory(feat, action, dist.log_prob(action), dist.entropy())
 
-
     # ----------------------------------------------------------------------------------- losses
     def reinforce_loss(self, traj: Trajectory, lam: float, entropy_coef: float) -> ActorLosses:
         """REINFORCE actor loss on an imagined trajectory (from :meth:`imagine` without backprop):
