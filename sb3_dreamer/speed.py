@@ -20,7 +20,9 @@ Replay is filled with random-action steps first, so the timed updates see real d
 (eager; ``compile_steps``; ``compile_steps`` + ``compile_losses``), their updates interleaved (the
 order alternating), so a busy or throttled machine slows all of them alike; it prints each path's
 median ms per update, its median ratio to the eager update of the same round, and its warm-up
-seconds (compilation included; torch caches compiled code on disk, so a second run is faster):
+seconds (compilation included; torch caches compiled code on disk, so a second run is faster).
+On a CUDA device every path also replays the CUDA graph (the default there), so "eager" means
+"not compiled":
 
     python -m sb3_dreamer.speed --compare --threads 1
 """
