@@ -32,14 +32,25 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch as th
+
+if TYPE_CHECKING:
+    from sb3_dreamer import Dreamer
 
 
 def _sync(device: th.device) -> None:
     if device.type == "cuda":
         th.cuda.synchronize(device)
+
+
+def _fill_replay(model: Dreamer) -> None:
+    """Set ``model`` to learn after a replay of just enough random steps for one batch and collect
+    them; its ``learn`` ends with the first update (where any compilation happens)."""
+    model.learning_starts = max(model.batch_size * model.sequence_length, 2 * model.sequence_length)
+    model.learn(model.learning_starts)
 
 
 def measure(
@@ -62,15 +73,14 @@ def measure(
     """Run the three measurements; returns a record of the figures and the settings."""
     from sb3_dreamer import Dreamer
 
-    fill = max(batch_size * sequence_length, 2 * sequence_length)
     kwargs = dict(
         batch_size=batch_size, sequence_length=sequence_length, imagination_starts=imagination_starts,
         precision=precision, cuda_graph=cuda_graph, compile_steps=compile_steps, compile_losses=compile_losses, policy_kwargs=dict(size=size), device=device, seed=seed,
     )  # fmt: skip
-    model = Dreamer("MlpLatentPolicy", env_id, learning_starts=fill, **kwargs)
+    model = Dreamer("MlpLatentPolicy", env_id, **kwargs)
     dev = model.device
     warm_start = time.perf_counter()
-    model.learn(fill)  # random actions, then the first update (compilation, if any)
+    _fill_replay(model)
 
     times = []
     for i in range(warmup + updates):
@@ -153,10 +163,8 @@ def compare(
     models, warm = {}, {}
     for name, options in paths.items():
         model = Dreamer("MlpLatentPolicy", env_id, device=device, seed=seed, **options, **kwargs)
-        fill = max(model.batch_size * model.sequence_length, 2 * model.sequence_length)
-        model.learning_starts = fill
         start = time.perf_counter()
-        model.learn(fill)  # random actions, then the first update (compilation, if any)
+        _fill_replay(model)
         for _ in range(warmup):
             model.train(1)
         _sync(model.device)
