@@ -16,6 +16,7 @@ from sb3_dreamer.functional import (
     symlog,
     twohot,
     twohot_bins,
+    twohot_hat,
     twohot_loss,
     twohot_mean,
     unimix_logits,
@@ -117,6 +118,25 @@ def test_twohot_loss_is_cross_entropy_of_the_encoding():
     target = th.tensor([0.25])
     expected = -(0.75 * th.log_softmax(logits, -1)[0, 2] + 0.25 * th.log_softmax(logits, -1)[0, 3])
     th.testing.assert_close(twohot_loss(logits, target, BINS), expected.unsqueeze(0))
+
+
+def test_twohot_hat_equals_the_scatter_encoding():
+    # twohot() uses the hat form under torch.compile: the two must agree (to rounding) everywhere.
+    bins = twohot_bins(255)
+    x = th.cat([th.randn(500) * 50, bins, bins[:-1] + bins.diff() / 3, th.tensor([1e10, -1e10, 0.0])])
+    th.testing.assert_close(twohot_hat(x, bins), twohot(x, bins), rtol=0, atol=1e-6)
+    th.testing.assert_close(twohot_hat(th.tensor(0.25), BINS), th.tensor([0.0, 0.0, 0.75, 0.25, 0.0]))
+    th.testing.assert_close(twohot_hat(th.tensor(-7.0), BINS), th.tensor([1.0, 0.0, 0.0, 0.0, 0.0]))
+
+
+def test_twohot_loss_gradient_is_softmax_minus_encoding():
+    bins = twohot_bins(255)
+    logits = th.randn(6, 7, 255, requires_grad=True)
+    target = th.randn(6, 7) * 50
+    loss = twohot_loss(logits, target, bins)
+    th.testing.assert_close(loss, -(twohot(target, bins) * th.log_softmax(logits, -1)).sum(-1))
+    (grad,) = th.autograd.grad(loss.sum(), logits)
+    th.testing.assert_close(grad, th.softmax(logits, -1) - twohot(target, bins))
 
 
 # ------------------------------------------------------------------------------------ lambda-returns

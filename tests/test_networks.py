@@ -10,6 +10,7 @@ from gymnasium import spaces
 from torch import distributions as D
 
 from sb3_dreamer.distributions import BoundedNormal, OneHotCategorical, gumbel_noise, sample_onehot
+from sb3_dreamer.functional import twohot
 from sb3_dreamer.networks.actor_critic import Critic, critic_loss, update_return_percentiles
 from sb3_dreamer.networks.layers import BlockLinear, NormLinear
 from sb3_dreamer.optimizers import LaProp
@@ -338,6 +339,9 @@ def test_critic_loss_is_the_sum_of_both_cross_entropies():
     target, slow = th.randn(4, 3) * 5, th.randn(4, 3) * 5
     expected = critic.loss(logits, target) + 0.5 * critic.loss(logits, slow)
     th.testing.assert_close(critic_loss(critic, logits, target, slow, slow_reg=0.5), expected)
+    log_p = th.log_softmax(logits, -1)
+    dense = -((twohot(target, critic.bins) + 0.5 * twohot(slow, critic.bins)) * log_p).sum(-1)
+    th.testing.assert_close(critic_loss(critic, logits, target, slow, slow_reg=0.5), dense)
 
 
 def test_return_percentiles_ema():

@@ -8,7 +8,6 @@ lambda-returns plus a regulariser towards a slow (EMA) copy of itself.
 from __future__ import annotations
 
 import torch as th
-import torch.nn.functional as F
 from torch import nn
 
 from sb3_dreamer.distributions import BoundedNormal, OneHotCategorical
@@ -77,7 +76,12 @@ def critic_loss(
 ) -> th.Tensor:
     """Two-hot CE towards the return ``target`` plus ``slow_reg`` x CE towards the slow critic: [...].
 
-    Both cross-entropies share one log-softmax: ``-(twohot(target) + slow_reg * twohot(slow)) . log p``.
+    Both cross-entropies share one normaliser (the encodings sum to 1, as in
+    :func:`~sb3_dreamer.functional.twohot_loss`):
+    ``-(twohot(target) + slow_reg * twohot(slow)) . log_softmax(logits)``
+    ``= (1 + slow_reg) * logsumexp(logits) - (twohot(target) + slow_reg * twohot(slow)) . logits``.
     """
-    targets = twohot(th.stack([target, slow_value]).detach().to(critic.bins.dtype), critic.bins)
-    return -((targets[0] + slow_reg * targets[1]) * F.log_softmax(logits, dim=-1)).sum(-1)
+    bins = critic.bins
+    logits = logits.to(bins.dtype)
+    targets = twohot(th.stack([target, slow_value]).detach().to(bins.dtype), bins)
+    return (1.0 + slow_reg) * th.logsumexp(logits, -1) - ((targets[0] + slow_reg * targets[1]) * logits).sum(-1)
