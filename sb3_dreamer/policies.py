@@ -193,11 +193,13 @@ class DreamerPolicy(BasePolicy):
     def compile_losses(self) -> None:
         """``torch.compile`` the loss computations outside the time loops: the world model's heads
         and KL terms (:meth:`~sb3_dreamer.networks.world_model.WorldModel.head_losses`), the
-        REINFORCE actor loss (:meth:`reinforce_loss`) and the critic's losses (:meth:`critic_losses`),
+        REINFORCE actor loss (:meth:`reinforce_loss`) or the dynamics-gradient one after its
+        imagination loop (:meth:`dynamics_objective`), and the critic's losses (:meth:`critic_losses`),
         forward and backward: their elementwise operations fuse into a few kernels."""
         wm = self.world_model
         wm.head_losses = th.compile(wm.head_losses, dynamic=False)  # type: ignore[method-assign]
         self.reinforce_loss = th.compile(self.reinforce_loss, dynamic=False)  # type: ignore[method-assign]
+        self.dynamics_objective = th.compile(self.dynamics_objective, dynamic=False)  # type: ignore[method-assign]
         self.critic_losses = th.compile(self.critic_losses, dynamic=False)  # type: ignore[method-assign]
 
     def set_training_mode(self, mode: bool) -> None:
@@ -370,18 +372,26 @@ class DreamerPolicy(BasePolicy):
         """Actor loss by backpropagation through the dynamics (continuous actions): imagine from
         deter [N, D], stoch [N, S*K] with reparameterised actions and maximise
         ``weight * (R / scale + entropy_coef * H)``, the lambda-returns R differentiated through the
-        dynamics, reward and continue heads and the critic (their parameters frozen)."""
-        wm, critic = self.world_model, self.critic
-        with frozen(wm, critic):
+        dynamics, reward and continue heads and the critic (their parameters frozen). The part after
+        the imagination loop is :meth:`dynamics_objective`."""
+        with frozen(self.world_model, self.critic):
             traj = self.imagine(deter, stoch, horizon, backprop=True)
-            reward, cont = wm.reward(traj.feat), wm.cont(traj.feat)
-            returns = lambda_return(reward, cont, critic.value(critic(traj.feat)), lam)  # [N, H]
+            actor = self.dynamics_objective(traj, lam, entropy_coef)
+        # The critic's logits for its own loss, outside frozen(): they carry its gradient.
+        return actor._replace(value_logits=self.critic(actor.feat))
+
+    def dynamics_objective(self, traj: Trajectory, lam: float, entropy_coef: float) -> ActorLosses:
+        """:meth:`dynamics_loss` on an imagined trajectory (from :meth:`imagine` with backprop,
+        called with the world model and critic frozen; ``value_logits`` is left None for the
+        caller). No time loop, so one region for ``torch.compile`` (:meth:`compile_losses`)."""
+        wm, critic = self.world_model, self.critic
+        reward, cont = wm.reward(traj.feat), wm.cont(traj.feat)
+        returns = lambda_return(reward, cont, critic.value(critic(traj.feat)), lam)  # [N, H]
         weight = th.cumprod(cont.detach(), 1)[:, :-1]
         scale = update_return_percentiles(returns, self.return_low, self.return_high)
         policy_loss = -(weight * (returns / scale + entropy_coef * traj.entropy[:, :-1])).mean()
-        feat = traj.feat.detach()
         return ActorLosses(
-            policy_loss, feat, critic(feat), returns.detach(), weight, scale, reward.detach(), cont.detach(),
+            policy_loss, traj.feat.detach(), None, returns.detach(), weight, scale, reward.detach(), cont.detach(),
             traj.entropy.detach(),
         )  # fmt: skip
 

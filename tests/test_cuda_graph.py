@@ -19,10 +19,12 @@ from tests.helpers import TINY_POLICY_KWARGS
 cuda = pytest.mark.skipif(not th.cuda.is_available(), reason="needs a CUDA device")
 
 
-def _model(device: str, optimizer_kwargs: dict | None = None, imagination_starts: int | None = None, **kwargs) -> Dreamer:
+def _model(
+    device: str, optimizer_kwargs: dict | None = None, imagination_starts: int | None = None, env_id: str = "CartPole-v1", **kwargs
+) -> Dreamer:
     policy_kwargs = dict(TINY_POLICY_KWARGS, optimizer_kwargs=optimizer_kwargs or {})
     model = Dreamer(
-        "MlpLatentPolicy", "CartPole-v1", learning_starts=1_000, batch_size=4, sequence_length=8, imagination_starts=imagination_starts,
+        "MlpLatentPolicy", env_id, learning_starts=1_000, batch_size=4, sequence_length=8, imagination_starts=imagination_starts,
         policy_kwargs=policy_kwargs, device=device, seed=3, **kwargs,
     )  # fmt: skip
     model.learn(64)  # random steps (before learning_starts): fills the replay, no update yet
@@ -93,19 +95,21 @@ def test_cuda_graph_learns_and_saves(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="inductor needs a C++ compiler")
-def test_compiled_steps_and_losses_match_eager_on_cpu():
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+def test_compiled_steps_and_losses_match_eager_on_cpu(env_id):
     """compile_steps and compile_losses, the optimised path on a CPU (torch.compile of the posterior
-    step, the prior step and the actor, and of the loss regions: world-model heads, REINFORCE actor,
-    critic), against eager: same tolerances as the CUDA graph test. Imagination starts from a
-    subset of the states, so the replay value's bootstrap mixes imagined returns and critic values."""
+    step, the prior step and the actor, and of the loss regions: world-model heads, the actor's loss
+    (REINFORCE on CartPole-v1, through the dynamics on Pendulum-v1), critic), against eager: same
+    tolerances as the CUDA graph test. Imagination starts from a subset of the states, so the
+    replay value's bootstrap mixes imagined returns and critic values."""
     th._dynamo.utils.counters.clear()
-    kwargs = dict(learning_rate=1e-3, optimizer_kwargs=dict(warmup=0), imagination_starts=16)
+    kwargs = dict(learning_rate=1e-3, optimizer_kwargs=dict(warmup=0), imagination_starts=16, env_id=env_id)
     compiled = _model("cpu", compile_steps=True, compile_losses=True, **kwargs)
     eager = _model("cpu", compile_steps=False, **kwargs)
     start = _flat_params(eager)
     th.testing.assert_close(_flat_params(compiled), start)
     _assert_same_updates(compiled, eager, _batches(eager, 3), start)
-    # posterior step, prior step, actor; world-model heads, REINFORCE loss, critic losses
+    # posterior step, prior step, actor; world-model heads, actor loss, critic losses
     assert th._dynamo.utils.counters["stats"]["unique_graphs"] >= 6
 
 

@@ -333,6 +333,19 @@ def test_policy_imagine_shapes(action_space):
     assert traj.log_prob.requires_grad and not traj.feat.requires_grad
 
 
+def test_dynamics_loss_gradients_reach_the_actor_and_the_critics_logits_only():
+    # The actor's loss goes through the frozen dynamics and heads into the actor; the critic's logits
+    # (for its own loss) are computed outside frozen(), so they carry the critic's gradient.
+    policy = DreamerPolicy(spaces.Box(-1.0, 1.0, shape=(4,)), spaces.Box(-2.0, 2.0, shape=(2,)), lambda _: 1e-3, **TINY_POLICY_KWARGS)
+    actor = policy.dynamics_loss(th.randn(5, DETER), th.zeros(5, STOCH_DIM), horizon=3, lam=0.95, entropy_coef=3e-4)
+    actor.policy_loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.actor.parameters())
+    assert all(p.grad is None for p in [*policy.world_model.parameters(), *policy.critic.parameters()])
+    assert actor.value_logits.shape == (5, 4, policy.critic.bins.shape[0]) and not actor.feat.requires_grad
+    actor.value_logits.sum().backward()
+    assert all(p.grad is not None for p in policy.critic.parameters())
+
+
 def test_critic_loss_is_the_sum_of_both_cross_entropies():
     critic = Critic(6, units=8, layers=1, num_bins=15)
     logits = th.randn(4, 3, 15)
