@@ -40,7 +40,6 @@ from stable_baselines3.common.utils import get_device
 
 from sb3_dreamer.type_aliases import SequenceSamples
 
-
 OBS_KEY = "obs"  # the key a non-Dict observation goes by, where observations are handled per key
 
 

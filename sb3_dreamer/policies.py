@@ -21,6 +21,7 @@ from sb3_dreamer.buffers import action_classes, action_vector_dim, is_image
 from sb3_dreamer.dreams import Dream, dream
 from sb3_dreamer.functional import lambda_return
 from sb3_dreamer.networks.actor_critic import Actor, Critic, actor_loss, critic_loss, update_return_percentiles
+from sb3_dreamer.networks.rssm import GRUWeights
 from sb3_dreamer.networks.world_model import WorldModel
 from sb3_dreamer.optimizers import LaProp
 from sb3_dreamer.presets import DEFAULT_SIZE, resolve_size
@@ -183,12 +184,14 @@ class DreamerPolicy(BasePolicy):
 
     def compile_steps(self) -> None:
         """``torch.compile`` the functions called once per time step (posterior step, prior step,
-        actor): each becomes a few fused kernels instead of dozens. Shapes are static, so each batch
+        actor; in imagination the prior step and the actor as one :meth:`imagine_step`): each
+        becomes a few fused kernels instead of dozens. Shapes are static, so each batch
         shape compiles once (training batch, imagination starts, acting envs)."""
         rssm = self.world_model.rssm
         rssm.posterior_step = th.compile(rssm.posterior_step, dynamic=False)  # type: ignore[method-assign]
         rssm.img_step = th.compile(rssm.img_step, dynamic=False)  # type: ignore[method-assign]
         self.actor.net.forward = th.compile(self.actor.net.forward, dynamic=False)  # type: ignore[method-assign]
+        self.imagine_step = th.compile(self.imagine_step, dynamic=False)  # type: ignore[method-assign]
 
     def compile_losses(self) -> None:
         """``torch.compile`` the loss computations outside the time loops: the world model's heads
@@ -328,9 +331,10 @@ class DreamerPolicy(BasePolicy):
         with th.set_grad_enabled(backprop and th.is_grad_enabled()):
             weights = rssm.gru_weights()
             noise = rssm.noise(horizon, deter.shape[0], device=deter.device).unbind(0)  # one random call
+            feat = th.cat([deter, stoch], -1)
+            raw = self.actor.net(feat)
             for t in range(horizon + 1):
-                feat = th.cat([deter, stoch], -1)
-                dist = self.actor(feat)
+                dist = self.actor.distribution(raw)
                 action = dist.sample()
                 feats.append(feat)
                 actions.append(action)
@@ -338,13 +342,27 @@ class DreamerPolicy(BasePolicy):
                     log_probs.append(dist.log_prob(action.detach()))
                     entropies.append(dist.entropy())
                 if t < horizon:
-                    deter, stoch = rssm.img_step(deter, stoch, action, weights, noise[t])
+                    deter, stoch, feat, raw = self.imagine_step(deter, stoch, action, weights, noise[t])
         stack = lambda xs: th.stack(xs, 1)  # noqa: E731
         if backprop:
             return Trajectory(stack(feats), stack(actions), stack(log_probs), stack(entropies))
         feat, action = stack(feats), stack(actions)
         dist = self.actor(feat)
         return Trajectory(feat, action, dist.log_prob(action), dist.entropy())
+
+    def imagine_step(
+        self, deter: th.Tensor, stoch: th.Tensor, action: th.Tensor, weights: GRUWeights, noise: th.Tensor
+    ) -> tuple[th.Tensor, th.Tensor, th.Tensor, th.Tensor]:
+        """One step of :meth:`imagine`: the prior step (``RSSM.img_step``) from deter [N, D], stoch
+        [N, S*K] under ``action`` [N, A] with Gumbel ``noise`` [N, S, K], and the actor's network at
+        the new state. One function, so that ``compile_steps`` makes it one compiled call per step.
+
+        :return: deter [N, D], stoch [N, S*K], feat [N, D + S*K] and the actor's raw output
+            ``actor.net(feat)``
+        """
+        deter, stoch = self.world_model.rssm.img_step(deter, stoch, action, weights, noise)
+        feat = th.cat([deter, stoch], -1)
+        return deter, stoch, feat, self.actor.net(feat)
 
     # ----------------------------------------------------------------------------------- losses
     def reinforce_loss(self, traj: Trajectory, lam: float, entropy_coef: float) -> ActorLosses:

@@ -28,7 +28,11 @@ class Actor(nn.Module):
         self.net = MLP(feat_dim, units, layers, action_dim if classes is not None else 2 * action_dim, outscale=0.01)
 
     def forward(self, feat: th.Tensor) -> OneHotCategorical | BoundedNormal:
-        raw = self.net(feat).float()  # distributions in float32 under bfloat16 autocast
+        return self.distribution(self.net(feat))
+
+    def distribution(self, raw: th.Tensor) -> OneHotCategorical | BoundedNormal:
+        """The action distribution from the network's output ``raw`` = ``net(feat)``."""
+        raw = raw.float()  # distributions in float32 under bfloat16 autocast
         return OneHotCategorical(raw, self.classes) if self.classes is not None else BoundedNormal(raw)
 
 
