@@ -409,7 +409,7 @@ class DreamerPolicy(BasePolicy):
         scale = update_return_percentiles(returns, self.return_low, self.return_high)
         policy_loss = -(weight * (returns / scale + entropy_coef * traj.entropy[:, :-1])).mean()
         return ActorLosses(
-            policy_loss, traj.feat.detach(), None, returns.detach(), weight, scale, reward.detach(), cont.detach(),
+            policy_loss, traj.feat.detach(), None, returns.detach(), weight, scale, reward.detach(), cont.detach(),  # type: ignore[arg-type]
             traj.entropy.detach(),
         )  # fmt: skip
 

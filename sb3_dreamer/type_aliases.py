@@ -63,7 +63,7 @@ class ActorLosses(NamedTuple):
 
     policy_loss: th.Tensor  # 0-d
     feat: th.Tensor  # [N, H+1, F] imagined features, detached
-    value_logits: th.Tensor  # [N, H+1, bins] the critic's logits at ``feat`` (gradient into the critic)
+    value_logits: th.Tensor  # [N, H+1, bins] the critic's logits at ``feat`` (gradient into the critic; set by dynamics_loss after dynamics_objective)
     returns: th.Tensor  # [N, H] lambda-returns, detached
     weight: th.Tensor  # [N, H] probability of still being in the episode, detached
     scale: th.Tensor  # 0-d return scale max(1, P95 - P5)
