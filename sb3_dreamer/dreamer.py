@@ -106,7 +106,8 @@ class Dreamer(BaseAlgorithm):
         None: on with CUDA graphs, off otherwise (on a CPU: ~0.8x the eager update after 1-2 minutes
         of compilation, worth it for long runs; see the README's Speed section)
     :param compile_losses: ``torch.compile`` the loss computations outside the time loops (world-model
-        heads and KL terms, REINFORCE actor loss, critic losses), forward and backward. Off by
+        heads and KL terms, the actor's loss after imagination, REINFORCE or through the dynamics,
+        critic losses), forward and backward. Off by
         default: it needs a C++ compiler on a CPU, and it has not been measured with CUDA graphs yet
     :param policy_kwargs: policy keyword arguments, e.g. ``dict(size="size12m")``
     :param replay_buffer_kwargs: extra :class:`SequenceReplayBuffer` keyword arguments, e.g.
