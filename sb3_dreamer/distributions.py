@@ -1,7 +1,7 @@
 """Action distributions of the actor, in the normalised action space the world model sees.
 
 - :func:`gumbel_noise` and :func:`sample_onehot`: the straight-through Gumbel-max one-hot sample shared by the actor and the
-  RSSM's categorical latents.
+  RSSM's categorical latents (:func:`straight_through`: its gradient, also that of multi-group samples).
 - :class:`OneHotCategorical` for ``Discrete``, ``MultiDiscrete`` and ``MultiBinary`` actions: actions
   are (concatenated) one-hot vectors [..., A].
 - :class:`BoundedNormal` for ``Box`` actions: mean ``tanh(x)``, std ``(1 - min_std) * sigmoid(x + 2) + min_std``;
@@ -47,6 +47,12 @@ def sample_onehot(log_probs: th.Tensor, deterministic: bool = False, noise: th.T
             noise = gumbel_noise(log_probs.shape, log_probs.device, log_probs.dtype)
         perturbed = log_probs.detach() + noise
         onehot = (perturbed == perturbed.amax(-1, keepdim=True)).to(log_probs.dtype)
+    return straight_through(onehot, log_probs)
+
+
+def straight_through(onehot: th.Tensor, log_probs: th.Tensor) -> th.Tensor:
+    """The sample ``onehot`` [..., K] in the forward pass, with the gradient of the probabilities
+    ``exp(log_probs)`` [..., K] in the backward pass (``onehot`` itself when the log-probs carry none)."""
     if not log_probs.requires_grad:
         return onehot
     probs = log_probs.exp()
@@ -81,10 +87,7 @@ class OneHotCategorical:
             return sample_onehot(self.log_probs)
         noise = gumbel_noise(self.log_probs.shape, self.log_probs.device, self.log_probs.dtype)
         onehot = self._onehot_max(self.log_probs.detach() + noise)  # Gumbel-max per group
-        if not self.log_probs.requires_grad:
-            return onehot
-        probs = self.log_probs.exp()
-        return onehot + probs - probs.detach()
+        return straight_through(onehot, self.log_probs)
 
     def mode(self) -> th.Tensor:
         return self._onehot_max(self.log_probs)

@@ -102,7 +102,8 @@ class Dreamer(BaseAlgorithm):
         two-hot, KL and percentiles in float32) or "auto": bfloat16 on CUDA devices that support it,
         float32 otherwise
     :param compile_steps: ``torch.compile`` the per-step functions (posterior step, prior step,
-        actor), fusing their small kernels; compiled once per batch shape (~10-30 s on a GPU).
+        actor; 8 posterior steps of a replayed sequence per compiled call), fusing their small
+        kernels; compiled once per batch shape (~10-30 s on a GPU).
         None: on with CUDA graphs, off otherwise (on a CPU: ~0.8x the eager update after 1-2 minutes
         of compilation, worth it for long runs; see the README's Speed section)
     :param compile_losses: ``torch.compile`` the loss computations outside the time loops (world-model

@@ -182,13 +182,18 @@ class DreamerPolicy(BasePolicy):
         )
         return data
 
-    def compile_steps(self) -> None:
+    def compile_steps(self, observe_chunk: int = 8) -> None:
         """``torch.compile`` the functions called once per time step (posterior step, prior step,
         actor; in imagination the prior step and the actor as one :meth:`imagine_step`): each
-        becomes a few fused kernels instead of dozens. Shapes are static, so each batch
-        shape compiles once (training batch, imagination starts, acting envs)."""
+        becomes a few fused kernels instead of dozens. In the world model's observe loop,
+        ``observe_chunk`` consecutive posterior steps are one compiled call
+        (:meth:`~sb3_dreamer.networks.rssm.RSSM.posterior_steps`), so a replayed sequence of T steps
+        pays T / ``observe_chunk`` calls' overhead, forward and backward. Shapes are static, so each
+        batch shape compiles once (training batch, imagination starts, acting envs)."""
         rssm = self.world_model.rssm
         rssm.posterior_step = th.compile(rssm.posterior_step, dynamic=False)  # type: ignore[method-assign]
+        rssm.posterior_steps = th.compile(rssm.posterior_steps, dynamic=False)  # type: ignore[method-assign]
+        rssm.observe_chunk = observe_chunk
         rssm.img_step = th.compile(rssm.img_step, dynamic=False)  # type: ignore[method-assign]
         self.actor.net.forward = th.compile(self.actor.net.forward, dynamic=False)  # type: ignore[method-assign]
         self.imagine_step = th.compile(self.imagine_step, dynamic=False)  # type: ignore[method-assign]

@@ -20,11 +20,16 @@ cuda = pytest.mark.skipif(not th.cuda.is_available(), reason="needs a CUDA devic
 
 
 def _model(
-    device: str, optimizer_kwargs: dict | None = None, imagination_starts: int | None = None, env_id: str = "CartPole-v1", **kwargs
+    device: str,
+    optimizer_kwargs: dict | None = None,
+    imagination_starts: int | None = None,
+    env_id: str = "CartPole-v1",
+    sequence_length: int = 8,
+    **kwargs,
 ) -> Dreamer:
     policy_kwargs = dict(TINY_POLICY_KWARGS, optimizer_kwargs=optimizer_kwargs or {})
     model = Dreamer(
-        "MlpLatentPolicy", env_id, learning_starts=1_000, batch_size=4, sequence_length=8, imagination_starts=imagination_starts,
+        "MlpLatentPolicy", env_id, learning_starts=1_000, batch_size=4, sequence_length=sequence_length, imagination_starts=imagination_starts,
         policy_kwargs=policy_kwargs, device=device, seed=3, **kwargs,
     )  # fmt: skip
     model.learn(64)  # random steps (before learning_starts): fills the replay, no update yet
@@ -106,13 +111,15 @@ def test_compiled_steps_and_losses_match_eager_on_cpu(env_id):
     # same sizes would reuse it: start from no cache, so the count below is this model's own.
     th._dynamo.reset()
     th._dynamo.utils.counters.clear()
-    kwargs = dict(learning_rate=1e-3, optimizer_kwargs=dict(warmup=0), imagination_starts=16, env_id=env_id)
+    # 12 steps: a compiled chunk of 8 posterior steps, then one of 4 (compile_steps' observe_chunk).
+    kwargs = dict(learning_rate=1e-3, optimizer_kwargs=dict(warmup=0), imagination_starts=16, env_id=env_id, sequence_length=12)
     compiled = _model("cpu", compile_steps=True, compile_losses=True, **kwargs)
     eager = _model("cpu", compile_steps=False, **kwargs)
     start = _flat_params(eager)
     th.testing.assert_close(_flat_params(compiled), start)
     _assert_same_updates(compiled, eager, _batches(eager, 3), start)
-    # posterior step, actor, imagination step; world-model heads, actor loss, critic losses
+    # posterior steps (a chunk of the sequence), actor, imagination step; world-model heads, actor
+    # loss, critic losses
     assert th._dynamo.utils.counters["stats"]["unique_graphs"] >= 6
 
 

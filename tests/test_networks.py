@@ -9,7 +9,7 @@ import torch as th
 from gymnasium import spaces
 from torch import distributions as D
 
-from sb3_dreamer.distributions import BoundedNormal, OneHotCategorical, gumbel_noise, sample_onehot
+from sb3_dreamer.distributions import BoundedNormal, OneHotCategorical, gumbel_noise, sample_onehot, straight_through
 from sb3_dreamer.functional import twohot
 from sb3_dreamer.networks.actor_critic import Critic, critic_loss, update_return_percentiles
 from sb3_dreamer.networks.layers import BlockLinear, NormLinear
@@ -73,6 +73,26 @@ def test_rssm_observe_equals_obs_step_loop():
     # The noise decides the samples: other noise, other latents.
     other = rssm.observe(*sequence, noise=rssm.noise(B, T))[1]
     assert not th.equal(other, expected[1])
+
+
+@pytest.mark.parametrize("chunk", [2, 3, T])
+def test_rssm_observe_in_chunks_gives_the_same_values_and_gradients(chunk):
+    """observe_chunk (steps per posterior_steps call, raised by compile_steps) changes no value,
+    including a last chunk shorter than the others and the gradients through the carried state."""
+    rssm = make_rssm(E, A)
+    embed, prev_action, is_first = random_sequence(reset_at=4)  # not at a chunk boundary of 2 or 3
+    embed.requires_grad_()
+    noise = rssm.noise(B, T)
+    results = []
+    for observe_chunk in (1, chunk):
+        rssm.observe_chunk = observe_chunk
+        rssm.zero_grad()
+        embed.grad = None
+        deter, stoch, logits = rssm.observe(embed, prev_action, is_first, noise=noise)
+        (deter.square().sum() + (stoch * logits.flatten(-2)).sum()).backward()
+        results.append([deter, stoch, logits, embed.grad, rssm.gru_hidden.weight.grad])
+    for x, y in zip(*results):
+        th.testing.assert_close(x, y, rtol=0, atol=0)
 
 
 def test_rssm_reset_at_is_first_equals_fresh_start():
@@ -244,6 +264,19 @@ def test_multi_group_categorical_is_a_product_of_independent_categoricals(classe
         assert (group.detach() - group.detach().round()).abs().max() < 1e-6
     sample.sum().backward()  # straight-through: the gradient of the probabilities
     assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def test_straight_through_is_the_sample_forward_and_the_probabilities_backward():
+    th.manual_seed(0)
+    log_probs = th.randn(5, 3).log_softmax(-1).requires_grad_()
+    onehot = th.nn.functional.one_hot(th.tensor([0, 2, 1, 1, 0]), 3).float()
+    out = straight_through(onehot, log_probs)
+    assert th.equal(out.detach(), onehot)
+    weights = th.randn(5, 3)
+    (out * weights).sum().backward()
+    # d/dlogp of sum(w * exp(logp)) is w * p.
+    th.testing.assert_close(log_probs.grad, weights * log_probs.detach().exp())
+    assert straight_through(onehot, log_probs.detach()) is onehot  # no gradient: the sample itself
 
 
 def test_bounded_normal_matches_torch():

@@ -81,6 +81,9 @@ class RSSM(nn.Module):
         init_linear_(self.post_embed.weight, deter + embed_dim)
         self.post_norm = RMSNorm(hidden, eps=1e-4)
         self.post_out = Linear(hidden, self.stoch_dim)
+        # Steps per call of posterior_steps in observe (the same values for any chunk size); 1 in
+        # eager, where a call costs nothing extra. DreamerPolicy.compile_steps raises it.
+        self.observe_chunk = 1
 
     @property
     def feat_dim(self) -> int:
@@ -245,8 +248,35 @@ class RSSM(nn.Module):
         keep, action_in = self.reset_inputs(prev_action, is_first, weights)  # [B, T, 1], [B, T, D]
         embed_proj = self.embed_projection(embed)
         noise = self.noise(*embed.shape[:2], device=embed.device) if noise is None else noise
-        # unbind, not [:, t]: its backward stacks the T step gradients once, where T slices would
+        # split, not [:, t]: its backward concatenates the chunks' gradients once, where slices would
         # each scatter into a zero tensor of the whole sequence.
+        chunks = (x.split(self.observe_chunk, 1) for x in (keep, action_in, embed_proj, noise))
+        deters, stochs, logits = [], [], []
+        for keep_c, action_c, embed_c, noise_c in zip(*chunks):
+            deter_c, stoch_c, logit_c = self.posterior_steps(deter, stoch, keep_c, action_c, embed_c, weights, noise_c)
+            deter, stoch = deter_c[:, -1], stoch_c[:, -1]
+            deters.append(deter_c)
+            stochs.append(stoch_c)
+            logits.append(logit_c)
+        return th.cat(deters, 1), th.cat(stochs, 1), th.cat(logits, 1)
+
+    def posterior_steps(
+        self,
+        deter: th.Tensor,
+        stoch: th.Tensor,
+        keep: th.Tensor,
+        action_in: th.Tensor,
+        embed_proj: th.Tensor,
+        weights: GRUWeights,
+        noise: th.Tensor,
+    ) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+        """:meth:`posterior_step` over k consecutive steps from deter [N, D], stoch [N, S*K], with
+        ``keep`` [N, k, 1], ``action_in`` [N, k, D], ``embed_proj`` [N, k, hidden] and ``noise``
+        [N, k, S, K]. One function, so that ``compile_steps`` makes a chunk of
+        :attr:`observe_chunk` steps one compiled call (one guard check, one autograd node).
+
+        :return: deter [N, k, D], stoch [N, k, S*K], posterior log-probs [N, k, S, K]
+        """
         inputs = zip(keep.unbind(1), action_in.unbind(1), embed_proj.unbind(1), noise.unbind(1))
         deters, stochs, logits = [], [], []
         for keep_t, action_t, embed_t, noise_t in inputs:
