@@ -190,6 +190,8 @@ class DreamerPolicy(BasePolicy):
         (:meth:`~sb3_dreamer.networks.rssm.RSSM.posterior_steps`), so a replayed sequence of T steps
         pays T / ``observe_chunk`` calls' overhead, forward and backward. Shapes are static, so each
         batch shape compiles once (training batch, imagination starts, acting envs)."""
+        if observe_chunk < 1:
+            raise ValueError(f"observe_chunk must be a positive number of steps, got {observe_chunk}")
         rssm = self.world_model.rssm
         rssm.posterior_step = th.compile(rssm.posterior_step, dynamic=False)  # type: ignore[method-assign]
         rssm.posterior_steps = th.compile(rssm.posterior_steps, dynamic=False)  # type: ignore[method-assign]

@@ -95,6 +95,12 @@ def test_rssm_observe_in_chunks_gives_the_same_values_and_gradients(chunk):
         th.testing.assert_close(x, y, rtol=0, atol=0)
 
 
+def test_compile_steps_rejects_an_empty_observe_chunk():
+    policy = DreamerPolicy(spaces.Box(-1, 1, (3,)), spaces.Discrete(2), lambda _: 1e-3, **TINY_POLICY_KWARGS)
+    with pytest.raises(ValueError, match="observe_chunk must be a positive"):
+        policy.compile_steps(observe_chunk=0)
+
+
 def test_rssm_reset_at_is_first_equals_fresh_start():
     rssm = make_rssm(E, A)
     k = 3
