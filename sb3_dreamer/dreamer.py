@@ -10,9 +10,11 @@ trajectories and a replay value step on the real ones. The math lives in the mod
 from __future__ import annotations
 
 import io
+import os
 import pathlib
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -36,9 +38,16 @@ from sb3_dreamer.policies import (
     MultiInputLatentPolicy,
     check_observation_space,
 )
-from sb3_dreamer.type_aliases import LatentState, SequenceSamples
+from sb3_dreamer.type_aliases import ActorLosses, LatentState, SequenceSamples
 
 SelfDreamer = TypeVar("SelfDreamer", bound="Dreamer")
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one, e.g. under ``taskset``)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def check_spaces(
@@ -110,6 +119,11 @@ class Dreamer(BaseAlgorithm):
         heads and KL terms, the actor's loss after imagination, REINFORCE or through the dynamics,
         critic losses), forward and backward. Off by
         default: it needs a C++ compiler on a CPU, and it has not been measured with CUDA graphs yet
+    :param parallel_backward: on a CPU, run the world model's backward pass (with the replay value
+        loss's) on a second thread while the imagined critic loss and the actor-critic backward pass
+        run on this one; the gradients are the same. None: on when this process may use at least two
+        CPU cores (see the README's Speed section); never on CUDA, where the backward pass already
+        runs asynchronously
     :param policy_kwargs: policy keyword arguments, e.g. ``dict(size="size12m")``
     :param replay_buffer_kwargs: extra :class:`SequenceReplayBuffer` keyword arguments, e.g.
         ``dict(storage="device")`` to keep replay in the training device's memory (GPU) instead of RAM
@@ -155,6 +169,7 @@ class Dreamer(BaseAlgorithm):
         precision: str = "auto",
         compile_steps: bool | None = None,
         compile_losses: bool = False,
+        parallel_backward: bool | None = None,
         policy_kwargs: dict[str, Any] | None = None,
         replay_buffer_kwargs: dict[str, Any] | None = None,
         stats_window_size: int = 100,
@@ -210,6 +225,9 @@ class Dreamer(BaseAlgorithm):
         self.precision = precision
         self.compile_steps = compile_steps
         self.compile_losses = compile_losses
+        self.parallel_backward = parallel_backward
+        self._backward_pool: ThreadPoolExecutor | None = None
+        self._updated_shape: tuple | None = None  # the last batch shape updated on (see _seen_batch_shape)
         self._captured_update: CapturedUpdate | None = None
         self._check_speed_options(policy_kwargs or {})
         self.replay_buffer_kwargs = replay_buffer_kwargs or {}
@@ -261,6 +279,11 @@ class Dreamer(BaseAlgorithm):
                 "cuda_graph=True needs the default optimiser LaProp (step count and learning rate on the device), "
                 f"got {optimizer_class}; pass cuda_graph=False"
             )
+        if self.parallel_backward and self.device.type != "cpu":
+            raise ValueError(
+                f"parallel_backward=True runs the world model's backward pass on a second CPU thread, got device={self.device} "
+                "(where the backward pass already runs asynchronously); pass parallel_backward=None or False"
+            )
         if self.precision == "bfloat16" and self.device.type == "cuda" and not th.cuda.is_bf16_supported():
             raise ValueError(f"precision='bfloat16' is not supported by {th.cuda.get_device_name(self.device)}; use 'float32'")
 
@@ -273,6 +296,14 @@ class Dreamer(BaseAlgorithm):
         )
 
     @property
+    def uses_parallel_backward(self) -> bool:
+        """Whether the world model's backward pass runs on a second thread (``parallel_backward``):
+        True, or None with at least two CPU cores available to this process; only on a CPU."""
+        if self.device.type != "cpu" or self.parallel_backward is False:
+            return False
+        return bool(self.parallel_backward) or available_cores() >= 2
+
+    @property
     def autocast_dtype(self) -> th.dtype | None:
         """bfloat16 when the update runs under autocast (``precision``, resolved for the device), else None."""
         if self.precision == "bfloat16" or (
@@ -282,7 +313,7 @@ class Dreamer(BaseAlgorithm):
         return None
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "_last_latent", "_captured_update"]
+        return [*super()._excluded_save_params(), "_last_latent", "_captured_update", "_backward_pool", "_updated_shape"]
 
     def set_parameters(self, *args, **kwargs) -> None:  # type: ignore[override]
         """SB3's ``set_parameters``; a captured update holds the old optimiser state, so it is dropped."""
@@ -457,25 +488,78 @@ class Dreamer(BaseAlgorithm):
     def _update(self, data: SequenceSamples) -> tuple[dict[str, th.Tensor], th.Tensor, th.Tensor]:
         """World model, imagination, actor-critic, replay value and one optimiser step.
 
-        Capturable in a CUDA graph: no host syncs, no data-dependent branches.
+        Capturable in a CUDA graph: no host syncs, no data-dependent branches. With
+        ``parallel_backward`` (CPU) the world model's backward pass, through the replay value loss
+        too, runs on a second thread while this one computes the imagined critic loss and the
+        actor-critic backward pass. The two graphs share only the critic's parameters (leaves), so
+        the gradients are those of one backward pass of the summed loss.
 
         :return: detached 0-d metrics, posterior deter [B, T, D] and stoch [B, T, S*K]
         """
-        dtype = self.autocast_dtype
-        # The weight-cast cache lives inside this block (cleared on exit), so it is safe to capture.
-        with th.autocast(self.device.type, dtype=dtype or th.float32, enabled=dtype is not None):
-            loss, metrics, wm_out = self._losses(data)
         policy = self.policy
         policy.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # The weight-cast cache lives inside each block (cleared on exit), so it is safe to capture.
+        with self._autocast():
+            wm_out, actor, replay_loss = self._world_and_actor_losses(data)
+        model_loss = wm_out.loss.mean()
+        world_loss = model_loss + self.replay_value_scale * replay_loss
+        parallel = self.uses_parallel_backward and self._seen_batch_shape(data)
+        pending = self._backward_thread().submit(world_loss.backward) if parallel else None
+        try:
+            with self._autocast():
+                value_loss = policy.critic_value_loss(actor)
+            actor_critic_loss = actor.policy_loss + value_loss
+            if pending is None:
+                (world_loss + actor_critic_loss).backward()
+            else:
+                actor_critic_loss.backward()
+        finally:
+            if pending is not None:
+                pending.result()  # waits, even when this thread failed; re-raises the thread's error
         policy.optimizer.step()
         with th.no_grad():
             slow, fast = list(policy.critic_slow.parameters()), list(policy.critic.parameters())
             th._foreach_lerp_(slow, fast, self.critic_ema_rate)
+        metrics = {
+            "loss": world_loss + actor_critic_loss,
+            "model_loss": model_loss,
+            **wm_out.metrics,
+            "actor_loss": actor.policy_loss,
+            "critic_loss": value_loss,
+            "replay_value_loss": replay_loss,
+            "actor_entropy": actor.entropy.mean(),
+            "return_scale": actor.scale,
+            "imagined_return": actor.returns.mean(),
+            "imagined_reward": actor.reward.mean(),
+            "imagined_cont": actor.cont.mean(),
+        }
+        metrics = {k: v.detach().float() for k, v in metrics.items()}
         return metrics, wm_out.deter.detach(), wm_out.stoch.detach()
 
-    def _losses(self, data: SequenceSamples) -> tuple[th.Tensor, dict[str, th.Tensor], WorldModelOutput]:
-        """The total loss of one update, its detached terms, and the world model's output."""
+    def _autocast(self) -> th.autocast:
+        dtype = self.autocast_dtype
+        return th.autocast(self.device.type, dtype=dtype or th.float32, enabled=dtype is not None)
+
+    def _backward_thread(self) -> ThreadPoolExecutor:
+        """The one worker thread of ``parallel_backward`` (made on first use; not saved)."""
+        if self._backward_pool is None:
+            self._backward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dreamer-backward")
+        return self._backward_pool
+
+    def _seen_batch_shape(self, data: SequenceSamples) -> bool:
+        """Whether an update of this batch shape has run before (in this process). The first one
+        runs its backward passes on one thread: ``compile_steps`` and ``compile_losses`` compile
+        then (the backward graphs on first use), and torch.compile is not thread-safe."""
+        shape = (*data.rewards.shape, self.imagination_starts, self.imagination_horizon, self.backprop_actor)
+        if shape == self._updated_shape:
+            return True
+        self._updated_shape = shape
+        return False
+
+    def _world_and_actor_losses(self, data: SequenceSamples) -> tuple[WorldModelOutput, ActorLosses, th.Tensor]:
+        """The world model's output (with its loss), the actor's loss on imagined trajectories and
+        the critic's replay value loss (0-d) of one update; the imagined critic loss comes after
+        (:meth:`DreamerPolicy.critic_value_loss`)."""
         policy, wm = self.policy, self.policy.world_model
         batch, steps = data.rewards.shape
         # 1. World model on the replayed batch.
@@ -489,34 +573,18 @@ class Dreamer(BaseAlgorithm):
             starts = th.rand(batch * steps, device=deter.device).argsort()[: self.imagination_starts]
             deter, stoch = deter[starts], stoch[starts]
         if self.backprop_actor:
-            # 3a. Actor: maximise the lambda-returns, differentiated through dynamics, heads and critic.
+            # 3. Actor: maximise the lambda-returns, differentiated through dynamics, heads and critic.
             actor = policy.dynamics_loss(deter, stoch, self.imagination_horizon, self.return_lambda, self.entropy_coef)
         else:
-            # 3a. Actor: REINFORCE with the percentile-normalised advantage.
+            # 3. Actor: REINFORCE with the percentile-normalised advantage.
             traj = policy.imagine(deter, stoch, self.imagination_horizon)
             actor = policy.reinforce_loss(traj, self.return_lambda, self.entropy_coef)
-        # 3b. Critic on the imagined trajectories and 4. on the replayed sequences (bootstrapped by
-        #     the imagined returns), both regularised towards its slow copy.
+        # 4. Critic on the replayed sequences, bootstrapped by the imagined returns.
         real_feat = th.cat([wm_out.deter, wm_out.stoch], -1)
-        value_loss, replay_loss = policy.critic_losses(
+        replay_loss = policy.replay_value_loss(
             actor, real_feat, data.rewards, data.is_terminal, data.is_last, starts, self.gamma, self.return_lambda
         )
-        model_loss = wm_out.loss.mean()
-        loss = model_loss + actor.policy_loss + value_loss + self.replay_value_scale * replay_loss
-        metrics = {
-            "loss": loss.detach(),
-            "model_loss": model_loss.detach(),
-            **wm_out.metrics,
-            "actor_loss": actor.policy_loss.detach(),
-            "critic_loss": value_loss.detach(),
-            "replay_value_loss": replay_loss.detach(),
-            "actor_entropy": actor.entropy.mean(),
-            "return_scale": actor.scale.detach(),
-            "imagined_return": actor.returns.mean(),
-            "imagined_reward": actor.reward.mean(),
-            "imagined_cont": actor.cont.mean(),
-        }
-        return loss, {k: v.detach().float() for k, v in metrics.items()}, wm_out
+        return wm_out, actor, replay_loss
 
     def dump_logs(self) -> None:
         """Write rollout and time statistics, as SB3's off-policy algorithms do."""

@@ -204,13 +204,14 @@ class DreamerPolicy(BasePolicy):
         """``torch.compile`` the loss computations outside the time loops: the world model's heads
         and KL terms (:meth:`~sb3_dreamer.networks.world_model.WorldModel.head_losses`), the
         REINFORCE actor loss (:meth:`reinforce_loss`) or the dynamics-gradient one after its
-        imagination loop (:meth:`dynamics_objective`), and the critic's losses (:meth:`critic_losses`),
-        forward and backward: their elementwise operations fuse into a few kernels."""
+        imagination loop (:meth:`dynamics_objective`), and the critic's losses (:meth:`critic_value_loss`,
+        :meth:`replay_value_loss`), forward and backward: their elementwise operations fuse into a few kernels."""
         wm = self.world_model
         wm.head_losses = th.compile(wm.head_losses, dynamic=False)  # type: ignore[method-assign]
         self.reinforce_loss = th.compile(self.reinforce_loss, dynamic=False)  # type: ignore[method-assign]
         self.dynamics_objective = th.compile(self.dynamics_objective, dynamic=False)  # type: ignore[method-assign]
-        self.critic_losses = th.compile(self.critic_losses, dynamic=False)  # type: ignore[method-assign]
+        self.critic_value_loss = th.compile(self.critic_value_loss, dynamic=False)  # type: ignore[method-assign]
+        self.replay_value_loss = th.compile(self.replay_value_loss, dynamic=False)  # type: ignore[method-assign]
 
     def set_training_mode(self, mode: bool) -> None:
         """SB3's train/eval switch, skipped when already in ``mode``: ``nn.Module.train`` walks every
@@ -420,7 +421,16 @@ class DreamerPolicy(BasePolicy):
             traj.entropy.detach(),
         )  # fmt: skip
 
-    def critic_losses(
+    def critic_value_loss(self, actor: ActorLosses) -> th.Tensor:
+        """The critic's loss on the imagined trajectories (0-d): two-hot cross-entropy of
+        ``actor.value_logits`` towards the actor's lambda-returns, regularised towards the slow
+        critic's values and weighted by ``actor.weight``. Its gradient reaches only the critic."""
+        critic = self.critic
+        with th.no_grad():
+            slow_value = critic.value(self.critic_slow(actor.feat))
+        return (actor.weight * critic_loss(critic, actor.value_logits[:, :-1], actor.returns, slow_value[:, :-1])).mean()
+
+    def replay_value_loss(
         self,
         actor: ActorLosses,
         real_feat: th.Tensor,
@@ -430,18 +440,13 @@ class DreamerPolicy(BasePolicy):
         starts: th.Tensor | None,
         gamma: float,
         lam: float,
-    ) -> tuple[th.Tensor, th.Tensor]:
-        """The critic's two losses (0-d each), both regularised towards its slow copy.
-
-        - Imagined: two-hot cross-entropy towards the actor's lambda-returns, weighted by ``actor.weight``.
-        - Replay: on the real posterior features ``real_feat`` [B, T, F], towards lambda-returns of
-          the replayed ``rewards`` [B, T] bootstrapped by the imagined returns (by the critic's own
-          value at states imagination did not start from: ``starts`` [N] indexes the B*T states, None: all).
-        """
+    ) -> th.Tensor:
+        """The critic's loss on the replayed sequences (0-d): on the real posterior features
+        ``real_feat`` [B, T, F] (not detached: as in DreamerV3, its gradient also reaches the world
+        model), towards lambda-returns of the replayed ``rewards`` [B, T] bootstrapped by the
+        imagined returns (by the critic's own value at states imagination did not start from:
+        ``starts`` [N] indexes the B*T states, None: all), regularised towards the slow critic."""
         critic, slow = self.critic, self.critic_slow
-        with th.no_grad():
-            slow_value = critic.value(slow(actor.feat))
-        value_loss = (actor.weight * critic_loss(critic, actor.value_logits[:, :-1], actor.returns, slow_value[:, :-1])).mean()
         batch, steps = rewards.shape
         real_logits = critic(real_feat)
         with th.no_grad():
@@ -452,8 +457,7 @@ class DreamerPolicy(BasePolicy):
                 boot = critic.value(real_logits).flatten().index_put((starts,), actor.returns[:, 0]).view(batch, steps)
         real_returns = lambda_return(rewards, (1.0 - is_terminal) * gamma, boot, lam, last=is_last)
         keep = 1.0 - is_last[:, :-1]
-        replay_loss = (keep * critic_loss(critic, real_logits[:, :-1], real_returns, real_slow[:, :-1])).mean()
-        return value_loss, replay_loss
+        return (keep * critic_loss(critic, real_logits[:, :-1], real_returns, real_slow[:, :-1])).mean()
 
 
 def batch_size(obs: PyTorchObs) -> int:

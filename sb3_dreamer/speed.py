@@ -25,6 +25,11 @@ On a CUDA device every path also replays the CUDA graph (the default there), so 
 "not compiled":
 
     python -m sb3_dreamer.speed --compare --threads 1
+
+``--compare parallel`` times the world model's backward pass on the calling thread against
+``parallel_backward`` (on a second thread), with ``--compile-steps`` / ``--compile-losses`` as given:
+
+    python -m sb3_dreamer.speed --compare parallel --threads 1 --compile-steps on --compile-losses on
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ def measure(
     cuda_graph: bool | None = None,
     compile_steps: bool | None = None,
     compile_losses: bool = False,
+    parallel_backward: bool | None = None,
     updates: int = 30,
     warmup: int = 5,
     acting_steps: int = 500,
@@ -75,7 +81,8 @@ def measure(
 
     kwargs = dict(
         batch_size=batch_size, sequence_length=sequence_length, imagination_starts=imagination_starts,
-        precision=precision, cuda_graph=cuda_graph, compile_steps=compile_steps, compile_losses=compile_losses, policy_kwargs=dict(size=size), device=device, seed=seed,
+        precision=precision, cuda_graph=cuda_graph, compile_steps=compile_steps, compile_losses=compile_losses,
+        parallel_backward=parallel_backward, policy_kwargs=dict(size=size), device=device, seed=seed,
     )  # fmt: skip
     model = Dreamer("MlpLatentPolicy", env_id, **kwargs)
     dev = model.device
@@ -122,6 +129,7 @@ def measure(
         "cuda_graph": model.uses_cuda_graph,
         "compile_steps": bool(model.compile_steps or (model.compile_steps is None and model.uses_cuda_graph)),
         "compile_losses": model.compile_losses,
+        "parallel_backward": model.uses_parallel_backward,
         "warmup_s": warmup_seconds,
         "batch": f"B{batch_size} x T{sequence_length}, H{model.imagination_horizon}, "
         f"{imagination_starts or batch_size * sequence_length} imagination starts",
@@ -142,6 +150,12 @@ COMPARED_PATHS: dict[str, dict[str, bool]] = {
     "eager": dict(compile_steps=False, compile_losses=False),
     "compile_steps": dict(compile_steps=True, compile_losses=False),
     "compile_steps + compile_losses": dict(compile_steps=True, compile_losses=True),
+}
+
+# ``--compare parallel``: the world model's backward pass on one thread, then on a second one.
+PARALLEL_PATHS: dict[str, dict[str, bool]] = {
+    "one backward thread": dict(parallel_backward=False),
+    "parallel_backward": dict(parallel_backward=True),
 }
 
 
@@ -200,30 +214,43 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cuda-graph", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--compile-steps", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--compile-losses", default="off", choices=["on", "off"])
+    parser.add_argument("--parallel-backward", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--updates", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--acting-steps", type=int, default=500)
     parser.add_argument("--learn-steps", type=int, default=1000)
     parser.add_argument("--json", action="store_true", help="print the record as JSON")
-    parser.add_argument("--compare", action="store_true", help="time eager against the compiled paths, interleaved")
+    parser.add_argument(
+        "--compare", nargs="?", const="compile", choices=["compile", "parallel"],
+        help="time paths interleaved: eager against the compiled ones (compile, the default), or the world "
+        "model's backward pass on one thread against parallel_backward (parallel; with --compile-steps and "
+        "--compile-losses as given)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    on_off = {"auto": None, "on": True, "off": False}
     if args.threads:
         th.set_num_threads(args.threads)
     if args.compare:
         shape = dict(batch_size=args.batch_size, sequence_length=args.sequence_length, policy_kwargs=dict(size=args.size))
+        if args.compare == "parallel":
+            compiled = dict(compile_steps=args.compile_steps == "on", compile_losses=args.compile_losses == "on")
+            paths, options = PARALLEL_PATHS, dict(shape, **compiled)
+        else:
+            paths, options = COMPARED_PATHS, dict(shape, parallel_backward=on_off[args.parallel_backward])
         results = compare(
             env_id=args.env, device=args.device, updates=args.updates, imagination_starts=args.imagination_starts or None,
-            precision=args.precision, **shape,
+            precision=args.precision, paths=paths, **options,
         )  # fmt: skip
         if args.json:
             print(json.dumps(results))
             return
         print(f"{args.env}, {args.size}, B{args.batch_size} x T{args.sequence_length}, torch {th.__version__}, "
               f"{args.device} ({th.get_num_threads()} threads), {args.updates} interleaved updates per path")  # fmt: skip
+        reference = next(iter(results))
         for name, r in results.items():
             print(
-                f"{name}: {r['ms_per_update_median']:.1f} ms median per update, {r['ratio_to_reference']:.3f} x eager "
+                f"{name}: {r['ms_per_update_median']:.1f} ms median per update, {r['ratio_to_reference']:.3f} x {reference} "
                 f"(median of per-round ratios); warm-up {r['warmup_s']:.1f} s"
             )
         return
@@ -235,9 +262,10 @@ def main(argv: list[str] | None = None) -> None:
         sequence_length=args.sequence_length,
         imagination_starts=args.imagination_starts or None,
         precision=args.precision,
-        cuda_graph={"auto": None, "on": True, "off": False}[args.cuda_graph],
-        compile_steps={"auto": None, "on": True, "off": False}[args.compile_steps],
+        cuda_graph=on_off[args.cuda_graph],
+        compile_steps=on_off[args.compile_steps],
         compile_losses=args.compile_losses == "on",
+        parallel_backward=on_off[args.parallel_backward],
         updates=args.updates,
         warmup=args.warmup,
         acting_steps=args.acting_steps,
@@ -250,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"device {record['device']}, torch {record['torch']}, {record['precision']}, "
         f"cuda_graph={record['cuda_graph']}, compile_steps={record['compile_steps']}, "
-        f"compile_losses={record['compile_losses']}"
+        f"compile_losses={record['compile_losses']}, parallel_backward={record['parallel_backward']}"
     )
     print(
         f"update: {record['ms_per_update_median']:.1f} ms median (p10 {record['ms_per_update_p10']:.1f}, "

@@ -48,3 +48,13 @@ def test_speed_compare_times_every_path_against_the_first():
     assert results["eager"]["ratio_to_reference"] == 1.0
     for r in results.values():
         assert r["ms_per_update_median"] > 0 and r["warmup_s"] > 0 and r["ratio_to_reference"] > 0
+
+
+def test_speed_compare_parallel_backward(capsys):
+    """``python -m sb3_dreamer.speed --compare parallel``: one backward thread against ``parallel_backward``."""
+    from sb3_dreamer.speed import main as speed_main
+
+    speed_main(["--compare", "parallel", "--batch-size", "2", "--sequence-length", "8", "--imagination-starts", "0", "--updates", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("one backward thread: ") and "1.000 x one backward thread" in lines[1]
+    assert lines[2].startswith("parallel_backward: ") and "x one backward thread" in lines[2]

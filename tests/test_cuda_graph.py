@@ -152,3 +152,68 @@ def test_model_saved_with_cuda_graph_loads_and_learns_on_cpu(tmp_path):
     loaded.learning_starts, loaded.train_ratio = 0, 32  # one update per env step
     loaded.learn(40, reset_num_timesteps=False)
     assert loaded._n_updates > 0
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+def test_parallel_backward_matches_one_backward_pass(env_id):
+    """parallel_backward (the world model's backward pass on a second thread) against one backward
+    pass of the summed loss: the graphs share only the critic's parameters, whose two gradient terms
+    add in either order, so losses and parameters agree to float rounding (REINFORCE on CartPole-v1;
+    through the dynamics on Pendulum-v1, whose frozen world model must not drop its gradients)."""
+    kwargs = dict(learning_rate=1e-3, optimizer_kwargs=dict(warmup=0), imagination_starts=16, env_id=env_id)
+    threaded, single = _model("cpu", parallel_backward=True, **kwargs), _model("cpu", parallel_backward=False, **kwargs)
+    assert threaded.uses_parallel_backward and not single.uses_parallel_backward
+    start = _flat_params(single)
+    for i, batch in enumerate(_batches(single, 3)):
+        th.manual_seed(100 + i)
+        got = threaded.train_step(batch)
+        th.manual_seed(100 + i)
+        want = single.train_step(batch)
+        th.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert threaded._backward_pool is not None and single._backward_pool is None
+    moved = _flat_params(single) - start
+    assert moved.abs().max() > 1e-4
+    th.testing.assert_close(_flat_params(threaded), _flat_params(single), rtol=1e-5, atol=1e-6)
+    wm_grads = [p.grad for p in threaded.policy.world_model.parameters()]
+    assert all(g is not None for g in wm_grads) and any(g.abs().max() > 0 for g in wm_grads)
+
+
+def test_parallel_backward_reraises_the_threads_error():
+    """An error in the world model's backward pass on the second thread reaches the caller (after
+    the thread has finished), and the next update runs normally."""
+    model = _model("cpu", parallel_backward=True)
+    batch = _batches(model, 1)[0]
+    model.train_step(batch)  # the first update of a batch shape runs on one thread (compilation)
+    assert model._backward_pool is None
+    param = next(model.policy.world_model.parameters())
+
+    def fail(grad: th.Tensor) -> th.Tensor:
+        raise RuntimeError("boom in the world model's backward")
+
+    handle = param.register_hook(fail)
+    with pytest.raises(RuntimeError, match="boom in the world model's backward"):
+        model.train_step(batch)
+    assert model._backward_pool is not None
+    handle.remove()
+    assert th.isfinite(model.train_step(batch)["loss"])
+
+
+def test_parallel_backward_default_follows_the_cores(monkeypatch):
+    model = Dreamer("MlpLatentPolicy", "CartPole-v1", device="cpu")
+    assert model.parallel_backward is None
+    monkeypatch.setattr("sb3_dreamer.dreamer.available_cores", lambda: 1)
+    assert not model.uses_parallel_backward
+    model.parallel_backward = True
+    assert model.uses_parallel_backward
+    monkeypatch.setattr("sb3_dreamer.dreamer.available_cores", lambda: 2)
+    model.parallel_backward = None
+    assert model.uses_parallel_backward
+    model.parallel_backward = False
+    assert not model.uses_parallel_backward
+
+
+@cuda
+def test_parallel_backward_is_cpu_only():
+    with pytest.raises(ValueError, match="parallel_backward=True runs"):
+        Dreamer("MlpLatentPolicy", "CartPole-v1", device="cuda", parallel_backward=True)
+    assert not Dreamer("MlpLatentPolicy", "CartPole-v1", device="cuda").uses_parallel_backward
