@@ -121,9 +121,11 @@ class Dreamer(BaseAlgorithm):
         default: it needs a C++ compiler on a CPU, and it has not been measured with CUDA graphs yet
     :param parallel_backward: on a CPU, run the world model's backward pass (with the replay value
         loss's) on a second thread while the imagined critic loss and the actor-critic backward pass
-        run on this one; the gradients are the same. None: on when this process may use at least two
-        CPU cores (see the README's Speed section); never on CUDA, where the backward pass already
-        runs asynchronously
+        run on this one; the gradients are the same. None: on while torch runs one thread
+        (``torch.set_num_threads(1)``, ``OMP_NUM_THREADS=1``) and this process may use at least two
+        CPU cores, where it uses the idle second core (~0.85-0.9x the update); off when torch's own
+        threads already use the cores (no gain measured). See the README's Speed section. Never on
+        CUDA, where the backward pass already runs asynchronously
     :param policy_kwargs: policy keyword arguments, e.g. ``dict(size="size12m")``
     :param replay_buffer_kwargs: extra :class:`SequenceReplayBuffer` keyword arguments, e.g.
         ``dict(storage="device")`` to keep replay in the training device's memory (GPU) instead of RAM
@@ -298,10 +300,11 @@ class Dreamer(BaseAlgorithm):
     @property
     def uses_parallel_backward(self) -> bool:
         """Whether the world model's backward pass runs on a second thread (``parallel_backward``):
-        True, or None with at least two CPU cores available to this process; only on a CPU."""
+        True, or None while torch runs one thread (``torch.get_num_threads()``) and this process
+        may use at least two CPU cores; only on a CPU."""
         if self.device.type != "cpu" or self.parallel_backward is False:
             return False
-        return bool(self.parallel_backward) or available_cores() >= 2
+        return bool(self.parallel_backward) or (th.get_num_threads() == 1 and available_cores() >= 2)
 
     @property
     def autocast_dtype(self) -> th.dtype | None:

@@ -198,18 +198,19 @@ def test_parallel_backward_reraises_the_threads_error():
     assert th.isfinite(model.train_step(batch)["loss"])
 
 
-def test_parallel_backward_default_follows_the_cores(monkeypatch):
+def test_parallel_backward_default_follows_threads_and_cores(monkeypatch):
+    """None: on only while torch runs one thread and a second core is free for the backward thread."""
     model = Dreamer("MlpLatentPolicy", "CartPole-v1", device="cpu")
     assert model.parallel_backward is None
-    monkeypatch.setattr("sb3_dreamer.dreamer.available_cores", lambda: 1)
-    assert not model.uses_parallel_backward
-    model.parallel_backward = True
-    assert model.uses_parallel_backward
-    monkeypatch.setattr("sb3_dreamer.dreamer.available_cores", lambda: 2)
-    model.parallel_backward = None
-    assert model.uses_parallel_backward
-    model.parallel_backward = False
-    assert not model.uses_parallel_backward
+    for threads, cores, expected in ((1, 2, True), (1, 1, False), (2, 2, False), (4, 8, False)):
+        monkeypatch.setattr(th, "get_num_threads", lambda: threads)
+        monkeypatch.setattr("sb3_dreamer.dreamer.available_cores", lambda: cores)
+        assert model.uses_parallel_backward is expected, (threads, cores)
+        model.parallel_backward = True
+        assert model.uses_parallel_backward
+        model.parallel_backward = False
+        assert not model.uses_parallel_backward
+        model.parallel_backward = None
 
 
 @cuda
