@@ -12,11 +12,13 @@ The zoo has no plugin hook, so :func:`register` adds Dreamer to its algorithm ta
 Optuna sampler table, and ``train`` with ``--algo dreamer`` and no ``--conf-file`` reads this
 package's ``hyperparams/dreamer.yml`` (the zoo would look only in its own folder). Every other
 argument, and every other algorithm, goes to the zoo unchanged; logs land in the zoo's
-``logs/<algo>/<Env>_<N>/`` layout.
+``logs/<algo>/<Env>_<N>/`` layout, with one fix: ``train`` claims its ``<Env>_<N>`` folder
+atomically (:func:`claim_run_folder`), so runs started at once never share one.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -70,6 +72,42 @@ def register() -> None:
     hyperparams_opt.HYPERPARAMS_CONVERTER["dreamer"] = convert_dreamer_params
 
 
+def claim_run_folder(log_path: str, env_name: str) -> str:
+    """Create and return ``<log_path>/<env_name>_<N>`` for the first free N above the latest run.
+
+    The zoo picks N by listing the folders and creates the folder later, so two runs of one (algo,
+    env) started at once (``benchmark --jobs``) got the same N and wrote into one folder, each
+    overwriting the other's ``evaluations.npz``. ``os.mkdir`` is atomic: a run that loses the race
+    takes the next N."""
+    from rl_zoo3.utils import get_latest_run_id
+
+    os.makedirs(log_path, exist_ok=True)
+    run_id = get_latest_run_id(log_path, env_name) + 1
+    while True:
+        path = os.path.join(log_path, f"{env_name}_{run_id}")
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            run_id += 1
+
+
+def _experiment_manager_claiming_its_folder() -> type:
+    """The zoo's ``ExperimentManager`` whose training run claims its log folder with
+    :func:`claim_run_folder` (the same ``<Env>_<N>`` layout; ``--uuid`` runs and ``--optimize``
+    studies are left as the zoo names them)."""
+    from rl_zoo3.exp_manager import ExperimentManager
+
+    class ClaimingExperimentManager(ExperimentManager):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            if not self.optimize_hyperparameters and not getattr(self.args, "uuid", False):
+                self.save_path = claim_run_folder(self.log_path, self.env_name)
+                self.params_path = f"{self.save_path}/{self.env_name}"
+
+    return ClaimingExperimentManager
+
+
 def _algo(argv: list[str]) -> str | None:
     for i, arg in enumerate(argv):
         if arg == "--algo" and i + 1 < len(argv):
@@ -99,6 +137,9 @@ def main(argv: list[str] | None = None) -> None:
     register()
     if command == "train":
         args = with_default_config(args)
+        import rl_zoo3.train
+
+        rl_zoo3.train.ExperimentManager = _experiment_manager_claiming_its_folder()  # type: ignore[attr-defined]
     sys.argv = [f"sb3_dreamer.zoo {command}", *args]  # the zoo's commands parse sys.argv
     if command == "record_video":  # a script in the zoo, not a function
         import runpy

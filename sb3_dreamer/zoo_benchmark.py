@@ -113,6 +113,19 @@ def train_command(algo: str, env_id: str, seed: int, args: argparse.Namespace) -
     ]  # fmt: skip
 
 
+def check_distinct_log_paths(runs: list[dict]) -> None:
+    """ValueError when two runs recorded one zoo log folder: their evaluations overwrote each other."""
+    by_path: dict[str, list[str]] = {}
+    for run in runs:
+        by_path.setdefault(str(Path(run["log_path"]).resolve()), []).append(run_name(run["algo"], run["env"], run["seed"]))
+    shared = {path: names for path, names in by_path.items() if len(names) > 1}
+    if shared:
+        raise ValueError(
+            f"Runs that share a zoo log folder (each overwrote the other's evaluations.npz): {shared}. Delete their "
+            "records in <out>/runs/ and run the benchmark again (sb3_dreamer.zoo train now claims distinct folders)"
+        )
+
+
 def load_runs(out: Path, algos: list[str], envs: list[str], seeds: list[int]) -> list[dict]:
     """Finished runs of the grid with their evaluations (timesteps [K], mean returns [K], std [K])."""
     runs = []
@@ -273,6 +286,7 @@ def main(argv: list[str] | None = None) -> None:
         (args.out / "runs" / f"{name}.json").write_text(json.dumps(record, indent=1))
 
     runs = load_runs(args.out, args.algos, args.envs, args.seeds)
+    check_distinct_log_paths(runs)
     if not runs:
         raise SystemExit(f"No finished runs in {args.out}; see the .log files in {args.out / 'runs'}")
     write_csv(runs, args.out / "evaluations.csv")

@@ -1,5 +1,6 @@
 """The RL Zoo entry point: registration, our YAML, train/enjoy/optimize through the zoo, the grid benchmark."""
 
+import json
 import os
 import subprocess
 import sys
@@ -114,3 +115,35 @@ def test_grid_benchmark_writes_csv_table_and_png(tmp_path):
     again = zoo("benchmark", "--algos", "dreamer", "ppo", "--envs", "CartPole-v1", "--seeds", "0", "--n-timesteps", "200",
                 "--eval-freq", "100", "--eval-episodes", "2", "--out", "bench", cwd=tmp_path)  # fmt: skip
     assert "0 run(s) to do, 2 already done" in again and "started" not in again and "started" in out
+
+
+def test_claim_run_folder_takes_the_next_free_number(tmp_path, monkeypatch):
+    from sb3_dreamer.zoo import claim_run_folder
+
+    log_path = str(tmp_path / "ppo")
+    assert claim_run_folder(log_path, "CartPole-v1") == os.path.join(log_path, "CartPole-v1_1")
+    (tmp_path / "ppo" / "CartPole-v1_5").mkdir()
+    assert claim_run_folder(log_path, "CartPole-v1") == os.path.join(log_path, "CartPole-v1_6")
+    # A run that listed the folders before another created its own (the zoo's race) takes the next N.
+    monkeypatch.setattr("rl_zoo3.utils.get_latest_run_id", lambda path, env_name: 0)
+    assert claim_run_folder(log_path, "CartPole-v1") == os.path.join(log_path, "CartPole-v1_2")
+    assert claim_run_folder(log_path, "CartPole-v1") == os.path.join(log_path, "CartPole-v1_3")
+
+
+def test_grid_runs_started_at_once_log_to_distinct_folders(tmp_path):
+    """Two seeds of one (algo, env) started together (--jobs 2) used to be given one zoo folder."""
+    zoo("benchmark", "--algos", "ppo", "--envs", "CartPole-v1", "--seeds", "0", "1", "--n-timesteps", "200",
+        "--eval-freq", "100", "--eval-episodes", "1", "--device", "cpu", "--jobs", "2", "--out", "bench", cwd=tmp_path)  # fmt: skip
+    folders = sorted(p.name for p in (tmp_path / "logs" / "ppo").iterdir())
+    assert folders == ["CartPole-v1_1", "CartPole-v1_2"]
+    paths = {json.loads(p.read_text())["log_path"] for p in (tmp_path / "bench" / "runs").glob("*.json")}
+    assert len(paths) == 2
+
+
+def test_benchmark_refuses_runs_that_share_a_log_folder():
+    from sb3_dreamer.zoo_benchmark import check_distinct_log_paths
+
+    runs = [dict(algo="ppo", env="CartPole-v1", seed=s, log_path="logs/ppo/CartPole-v1_1") for s in (0, 1)]
+    with pytest.raises(ValueError, match="share a zoo log folder"):
+        check_distinct_log_paths(runs)
+    check_distinct_log_paths([dict(runs[0]), dict(runs[1], log_path="logs/ppo/CartPole-v1_2")])
