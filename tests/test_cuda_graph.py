@@ -113,11 +113,14 @@ def test_compiled_steps_and_losses_match_eager_on_cpu(env_id):
     th._dynamo.utils.counters.clear()
     # 12 steps: a compiled chunk of 8 posterior steps, then one of 4 (compile_steps' observe_chunk).
     kwargs = dict(learning_rate=1e-3, optimizer_kwargs=dict(warmup=0), imagination_starts=16, env_id=env_id, sequence_length=12)
-    compiled = _model("cpu", compile_steps=True, compile_losses=True, **kwargs)
-    eager = _model("cpu", compile_steps=False, **kwargs)
+    # The compiled model also runs the world model's backward pass on a second thread from its
+    # second update on (its first compiles, on one thread), the eager one on one thread.
+    compiled = _model("cpu", compile_steps=True, compile_losses=True, parallel_backward=True, **kwargs)
+    eager = _model("cpu", compile_steps=False, parallel_backward=False, **kwargs)
     start = _flat_params(eager)
     th.testing.assert_close(_flat_params(compiled), start)
     _assert_same_updates(compiled, eager, _batches(eager, 3), start)
+    assert compiled._backward_pool is not None
     # posterior steps (a chunk of the sequence), actor, imagination step; world-model heads, actor
     # loss, critic losses
     assert th._dynamo.utils.counters["stats"]["unique_graphs"] >= 6
