@@ -124,7 +124,7 @@ class Dreamer(BaseAlgorithm):
         run on this one; the gradients are the same. None: on while torch runs one thread
         (``torch.set_num_threads(1)``, ``OMP_NUM_THREADS=1``) and this process may use at least two
         CPU cores, where it uses the idle second core (0.84-0.91x the update measured); off when torch's own
-        threads already use the cores (no gain measured). See the README's Speed section. Never on
+        threads already use the cores (slower there). See the README's Speed section. Never on
         CUDA, where the backward pass already runs asynchronously
     :param policy_kwargs: policy keyword arguments, e.g. ``dict(size="size12m")``
     :param replay_buffer_kwargs: extra :class:`SequenceReplayBuffer` keyword arguments, e.g.
