@@ -512,8 +512,9 @@ class Dreamer(BaseAlgorithm):
             with self._autocast():
                 value_loss = policy.critic_value_loss(actor)
             actor_critic_loss = actor.policy_loss + value_loss
+            loss = world_loss + actor_critic_loss
             if pending is None:
-                (world_loss + actor_critic_loss).backward()
+                loss.backward()
             else:
                 actor_critic_loss.backward()
         finally:
@@ -524,7 +525,7 @@ class Dreamer(BaseAlgorithm):
             slow, fast = list(policy.critic_slow.parameters()), list(policy.critic.parameters())
             th._foreach_lerp_(slow, fast, self.critic_ema_rate)
         metrics = {
-            "loss": world_loss + actor_critic_loss,
+            "loss": loss,
             "model_loss": model_loss,
             **wm_out.metrics,
             "actor_loss": actor.policy_loss,
