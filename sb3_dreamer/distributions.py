@@ -8,7 +8,10 @@
   actions live in [-1, 1] (samples beyond are clipped by the env wrapper and squashed the same way by
   the RSSM's ``a / max(1, |a|)``).
 
-Both expose ``sample()``, ``mode()``, ``log_prob(action) -> [...]`` and ``entropy() -> [...]``.
+Both expose ``sample(noise=None)``, ``mode()``, ``log_prob(action) -> [...]`` and ``entropy() -> [...]``;
+``draw_noise(shape)`` draws the noise ``sample`` takes, shaped like the actions [..., A], so a loop
+can draw it for all its steps in one call (and a compiled step function then holds no random-number
+generator).
 """
 
 from __future__ import annotations
@@ -81,11 +84,20 @@ class OneHotCategorical:
         parts = [F.one_hot(x.argmax(-1), x.shape[-1]) for x in scores.split(self.classes, -1)]
         return th.cat(parts, -1).to(self.log_probs.dtype)
 
-    def sample(self) -> th.Tensor:
-        """One-hot sample per group with a straight-through gradient (that of the probabilities)."""
+    @staticmethod
+    def draw_noise(shape: tuple[int, ...], device: th.device | str | None = None) -> th.Tensor:
+        """Noise for :meth:`sample` of ``shape`` [..., sum K]: standard Gumbel."""
+        return gumbel_noise(shape, device)
+
+    def sample(self, noise: th.Tensor | None = None) -> th.Tensor:
+        """One-hot sample per group with a straight-through gradient (that of the probabilities).
+
+        :param noise: Gumbel noise [..., sum K] (:meth:`draw_noise`); None draws it here
+        """
         if len(self.classes) == 1:
-            return sample_onehot(self.log_probs)
-        noise = gumbel_noise(self.log_probs.shape, self.log_probs.device, self.log_probs.dtype)
+            return sample_onehot(self.log_probs, noise=noise)
+        if noise is None:
+            noise = gumbel_noise(self.log_probs.shape, self.log_probs.device, self.log_probs.dtype)
         onehot = self._onehot_max(self.log_probs.detach() + noise)  # Gumbel-max per group
         return straight_through(onehot, self.log_probs)
 
@@ -107,9 +119,17 @@ class BoundedNormal:
         self.mean = th.tanh(mean)
         self.std = (max_std - min_std) * th.sigmoid(std + 2.0) + min_std
 
-    def sample(self) -> th.Tensor:
-        """Reparameterised sample: differentiable with respect to mean and std."""
-        return self.mean + self.std * th.randn_like(self.mean)
+    @staticmethod
+    def draw_noise(shape: tuple[int, ...], device: th.device | str | None = None) -> th.Tensor:
+        """Noise for :meth:`sample` of ``shape`` [..., A]: standard normal."""
+        return th.randn(shape, device=device)
+
+    def sample(self, noise: th.Tensor | None = None) -> th.Tensor:
+        """Reparameterised sample: differentiable with respect to mean and std.
+
+        :param noise: standard normal noise [..., A] (:meth:`draw_noise`); None draws it here
+        """
+        return self.mean + self.std * (th.randn_like(self.mean) if noise is None else noise)
 
     def mode(self) -> th.Tensor:
         return self.mean

@@ -329,48 +329,60 @@ class DreamerPolicy(BasePolicy):
         over all [N, H+1] states (the same values, one large product instead of H+1 small ones);
         only they carry gradients. With ``backprop=True`` actions are reparameterised samples and
         the features carry gradients through the dynamics back to the actor; the caller freezes the
-        world model's parameters (:func:`frozen`) so that only the actor learns from it.
+        world model's parameters (:func:`frozen`) so that only the actor learns from it. Either way
+        the noise of every sample is drawn before the loop, and each step samples its action inside
+        :meth:`imagine_step`.
 
         :param deter: [N, D] :param stoch: [N, S*K] :return: a :class:`Trajectory`
         """
         rssm = self.world_model.rssm
-        feats, actions, log_probs, entropies = [], [], [], []
+        feats, actions, raws = [], [], []
         deter, stoch = deter.detach(), stoch.detach()
         with th.set_grad_enabled(backprop and th.is_grad_enabled()):
             weights = rssm.gru_weights()
-            noise = rssm.noise(horizon, deter.shape[0], device=deter.device).unbind(0)  # one random call
+            # The random numbers of the whole rollout, each in one call.
+            noise = rssm.noise(horizon, deter.shape[0], device=deter.device).unbind(0)
+            action_noise = self.actor.noise(horizon + 1, deter.shape[0], device=deter.device).unbind(0)
             feat = th.cat([deter, stoch], -1)
             raw = self.actor.net(feat)
+            action = self.actor.distribution(raw).sample(action_noise[0])
             for t in range(horizon + 1):
-                dist = self.actor.distribution(raw)
-                action = dist.sample()
                 feats.append(feat)
                 actions.append(action)
-                if backprop:
-                    log_probs.append(dist.log_prob(action.detach()))
-                    entropies.append(dist.entropy())
+                raws.append(raw)
                 if t < horizon:
-                    deter, stoch, feat, raw = self.imagine_step(deter, stoch, action, weights, noise[t])
+                    deter, stoch, feat, raw, action = self.imagine_step(
+                        deter, stoch, action, weights, noise[t], action_noise[t + 1]
+                    )
         stack = lambda xs: th.stack(xs, 1)  # noqa: E731
-        if backprop:
-            return Trajectory(stack(feats), stack(actions), stack(log_probs), stack(entropies))
         feat, action = stack(feats), stack(actions)
+        if backprop:
+            dist = self.actor.distribution(stack(raws))
+            return Trajectory(feat, action, dist.log_prob(action.detach()), dist.entropy())
         dist = self.actor(feat)
         return Trajectory(feat, action, dist.log_prob(action), dist.entropy())
 
     def imagine_step(
-        self, deter: th.Tensor, stoch: th.Tensor, action: th.Tensor, weights: GRUWeights, noise: th.Tensor
-    ) -> tuple[th.Tensor, th.Tensor, th.Tensor, th.Tensor]:
+        self,
+        deter: th.Tensor,
+        stoch: th.Tensor,
+        action: th.Tensor,
+        weights: GRUWeights,
+        noise: th.Tensor,
+        action_noise: th.Tensor,
+    ) -> tuple[th.Tensor, th.Tensor, th.Tensor, th.Tensor, th.Tensor]:
         """One step of :meth:`imagine`: the prior step (``RSSM.img_step``) from deter [N, D], stoch
-        [N, S*K] under ``action`` [N, A] with Gumbel ``noise`` [N, S, K], and the actor's network at
-        the new state. One function, so that ``compile_steps`` makes it one compiled call per step.
+        [N, S*K] under ``action`` [N, A] with Gumbel ``noise`` [N, S, K], then the actor at the new
+        state and its action sampled with ``action_noise`` [N, A] (:meth:`Actor.noise`). One
+        function, so that ``compile_steps`` makes it one compiled call per step.
 
-        :return: deter [N, D], stoch [N, S*K], feat [N, D + S*K] and the actor's raw output
-            ``actor.net(feat)``
+        :return: deter [N, D], stoch [N, S*K], feat [N, D + S*K], the actor's raw output
+            ``actor.net(feat)`` and the sampled action [N, A]
         """
         deter, stoch = self.world_model.rssm.img_step(deter, stoch, action, weights, noise)
         feat = th.cat([deter, stoch], -1)
-        return deter, stoch, feat, self.actor.net(feat)
+        raw = self.actor.net(feat)
+        return deter, stoch, feat, raw, self.actor.distribution(raw).sample(action_noise)
 
     # ----------------------------------------------------------------------------------- losses
     def reinforce_loss(self, traj: Trajectory, lam: float, entropy_coef: float) -> ActorLosses:

@@ -11,7 +11,7 @@ from torch import distributions as D
 
 from sb3_dreamer.distributions import BoundedNormal, OneHotCategorical, gumbel_noise, sample_onehot, straight_through
 from sb3_dreamer.functional import twohot
-from sb3_dreamer.networks.actor_critic import Critic, critic_loss, update_return_percentiles
+from sb3_dreamer.networks.actor_critic import Actor, Critic, critic_loss, update_return_percentiles
 from sb3_dreamer.networks.layers import BlockLinear, NormLinear
 from sb3_dreamer.optimizers import LaProp
 from sb3_dreamer.policies import DreamerPolicy
@@ -300,6 +300,31 @@ def test_bounded_normal_matches_torch():
     th.testing.assert_close(ours.mode(), th.tanh(mean))
     assert ours.sample().shape == (4, 3)
 
+
+
+@pytest.mark.parametrize("classes", [None, [3], [2, 3]])
+def test_actor_samples_with_its_drawn_noise(classes):
+    """``Actor.noise`` draws the noise of one sample per action [*shape, A]; ``sample(noise)`` is
+    then exact: the Gumbel-max one-hot per group, or ``mean + std * noise`` for continuous actions,
+    with the distributions' own gradients."""
+    th.manual_seed(0)
+    action_dim = 2 if classes is None else sum(classes)
+    actor = Actor(8, action_dim, classes, units=16, layers=1)
+    noise = actor.noise(3, 5)
+    assert noise.shape == (3, 5, action_dim)
+    raw = th.randn(5, action_dim * (2 if classes is None else 1), requires_grad=True)
+    dist = actor.distribution(raw)
+    sample = dist.sample(noise[0])
+    if classes is None:
+        th.testing.assert_close(sample, dist.mean + dist.std * noise[0])
+        assert actor.noise(100_000).std().item() == pytest.approx(1.0, abs=0.01)  # standard normal
+    else:
+        perturbed = (dist.log_probs + noise[0]).detach().split(classes, -1)
+        onehot = th.cat([th.nn.functional.one_hot(x.argmax(-1), x.shape[-1]).float() for x in perturbed], -1)
+        th.testing.assert_close(sample.detach(), onehot, rtol=0, atol=1e-6)
+        assert actor.noise(100_000).mean().item() == pytest.approx(0.5772, abs=0.01)  # standard Gumbel
+    sample.sum().backward()
+    assert raw.grad is not None and raw.grad.abs().sum() > 0
 
 # ------------------------------------------------------------------------------------ LaProp
 def quadratic_problem():

@@ -25,6 +25,7 @@ class Actor(nn.Module):
     def __init__(self, feat_dim: int, action_dim: int, classes: list[int] | None, units: int = 64, layers: int = 3) -> None:
         super().__init__()
         self.classes = classes
+        self.action_dim = action_dim
         self.net = MLP(feat_dim, units, layers, action_dim if classes is not None else 2 * action_dim, outscale=0.01)
 
     def forward(self, feat: th.Tensor) -> OneHotCategorical | BoundedNormal:
@@ -34,6 +35,12 @@ class Actor(nn.Module):
         """The action distribution from the network's output ``raw`` = ``net(feat)``."""
         raw = raw.float()  # distributions in float32 under bfloat16 autocast
         return OneHotCategorical(raw, self.classes) if self.classes is not None else BoundedNormal(raw)
+
+    def noise(self, *shape: int, device: th.device | None = None) -> th.Tensor:
+        """The noise of ``sample`` for actions of ``shape`` (e.g. H, N): [*shape, A], Gumbel for
+        one-hot actions, standard normal for continuous ones; drawn in one call for a loop."""
+        dist = OneHotCategorical if self.classes is not None else BoundedNormal
+        return dist.draw_noise((*shape, self.action_dim), device)
 
 
 class Critic(nn.Module):
