@@ -184,7 +184,8 @@ class DreamerPolicy(BasePolicy):
 
     def compile_steps(self, observe_chunk: int = 8) -> None:
         """``torch.compile`` the functions called once per time step (posterior step, prior step,
-        actor; in imagination the prior step and the actor as one :meth:`imagine_step`): each
+        actor; in imagination the prior step, the actor and its action sample as one
+        :meth:`imagine_step`): each
         becomes a few fused kernels instead of dozens. In the world model's observe loop,
         ``observe_chunk`` consecutive posterior steps are one compiled call
         (:meth:`~sb3_dreamer.networks.rssm.RSSM.posterior_steps`), so a replayed sequence of T steps
