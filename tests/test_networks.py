@@ -301,7 +301,6 @@ def test_bounded_normal_matches_torch():
     assert ours.sample().shape == (4, 3)
 
 
-
 @pytest.mark.parametrize("classes", [None, [3], [2, 3]])
 def test_actor_samples_with_its_drawn_noise(classes):
     """``Actor.noise`` draws the noise of one sample per action [*shape, A]; ``sample(noise)`` is
@@ -325,6 +324,7 @@ def test_actor_samples_with_its_drawn_noise(classes):
         assert actor.noise(100_000).mean().item() == pytest.approx(0.5772, abs=0.01)  # standard Gumbel
     sample.sum().backward()
     assert raw.grad is not None and raw.grad.abs().sum() > 0
+
 
 # ------------------------------------------------------------------------------------ LaProp
 def quadratic_problem():
