@@ -41,7 +41,9 @@ def run_jobs(jobs: list[Job], parallel: int = 1) -> dict[str, tuple[int, float]]
                 env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
                 cmd = ["taskset", "-c", str(core), *cmd]
             job.log.parent.mkdir(parents=True, exist_ok=True)
-            with open(job.log, "w") as log:
+            with open(job.log, "a") as log:  # a rerun's attempt follows the earlier ones
+                log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}\n")
+                log.flush()
                 proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
             running.append((proc, core, job, time.perf_counter()))
             where = f" on core {core}" if core is not None else ""

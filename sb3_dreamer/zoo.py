@@ -6,6 +6,9 @@
     python -m sb3_dreamer.zoo all_plots -a ppo dreamer -e CartPole-v1 -f logs/
     python -m sb3_dreamer.zoo train --algo dreamer --env CartPole-v1 --optimize --n-trials 20 \\
         --storage sqlite:///dreamer_optuna.db --study-name dreamer_cartpole
+    python -m sb3_dreamer.zoo train --algo dreamer --env LunarLander-v3 --checkpoint-every 1   # resumable
+    python -m sb3_dreamer.zoo train --algo dreamer --env LunarLander-v3 --checkpoint-every 1 \\
+        --resume logs/dreamer/LunarLander-v3_1                               # continue a stopped run
     python -m sb3_dreamer.zoo benchmark --algos dreamer ppo --envs CartPole-v1 --seeds 0 1 2
 
 The zoo has no plugin hook, so :func:`register` adds Dreamer to its algorithm table and its
@@ -13,7 +16,10 @@ Optuna sampler table, and ``train`` with ``--algo dreamer`` and no ``--conf-file
 package's ``hyperparams/dreamer.yml`` (the zoo would look only in its own folder). Every other
 argument, and every other algorithm, goes to the zoo unchanged; logs land in the zoo's
 ``logs/<algo>/<Env>_<N>/`` layout, with one fix: ``train`` claims its ``<Env>_<N>`` folder
-atomically (:func:`claim_run_folder`), so runs started at once never share one.
+atomically (:func:`claim_run_folder`), so runs started at once never share one. ``train`` has two
+options of ours (:mod:`sb3_dreamer.zoo_resume`): ``--checkpoint-every K`` saves a resumable
+checkpoint (model, replay buffer, progress) after every K-th evaluation, and ``--resume <run folder>``
+continues a stopped run in its folder from its latest checkpoint to the same budget.
 """
 
 from __future__ import annotations
@@ -92,20 +98,99 @@ def claim_run_folder(log_path: str, env_name: str) -> str:
             run_id += 1
 
 
-def _experiment_manager_claiming_its_folder() -> type:
+def _experiment_manager(checkpoint_every: int | None = None, resume: str | None = None) -> type:
     """The zoo's ``ExperimentManager`` whose training run claims its log folder with
     :func:`claim_run_folder` (the same ``<Env>_<N>`` layout; ``--uuid`` runs and ``--optimize``
-    studies are left as the zoo names them)."""
-    from rl_zoo3.exp_manager import ExperimentManager
+    studies are left as the zoo names them), and which takes and resumes checkpoints
+    (:mod:`sb3_dreamer.zoo_resume`).
 
-    class ClaimingExperimentManager(ExperimentManager):
+    :param checkpoint_every: save a resumable checkpoint after every this many evaluations (None: never)
+    :param resume: a run folder to continue, from its latest checkpoint, to the run's budget (``-n``)
+    """
+    from rl_zoo3.exp_manager import ExperimentManager
+    from stable_baselines3.common.callbacks import CallbackList, EvalCallback
+
+    from sb3_dreamer import zoo_resume
+
+    class ZooExperimentManager(ExperimentManager):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            if not self.optimize_hyperparameters and not getattr(self.args, "uuid", False):
+            self.resumed_from: dict[str, Any] | None = None
+            if self.optimize_hyperparameters:
+                if checkpoint_every is not None or resume is not None:
+                    raise ValueError("--checkpoint-every and --resume are for training runs, not for --optimize studies")
+                return
+            if resume is not None:
+                checkpoint = zoo_resume.latest_checkpoint(resume)
+                if not os.path.isdir(os.path.join(resume, self.env_name)):
+                    raise ValueError(f"--resume {resume}: not a zoo run folder of {self.env_name} (no {self.env_name}/ config in it)")
+                if checkpoint is None:
+                    raise ValueError(
+                        f"--resume {resume}: no complete checkpoint_<steps>/ in it; a run saves them with --checkpoint-every"
+                    )
+                self.resumed_from = zoo_resume.read_progress(checkpoint)
+                self.save_path = str(resume)
+                self.trained_agent = str(checkpoint / "model.zip")  # the zoo's continue-training path
+                self.continue_training = True
+                zoo_resume.keep_earlier_monitor_logs(resume, self.resumed_from["num_timesteps"])
+                print(f"Resuming {resume} from {checkpoint.name}")
+            elif not getattr(self.args, "uuid", False):
                 self.save_path = claim_run_folder(self.log_path, self.env_name)
-                self.params_path = f"{self.save_path}/{self.env_name}"
+            self.params_path = f"{self.save_path}/{self.env_name}"
 
-    return ClaimingExperimentManager
+        def create_callbacks(self) -> None:
+            super().create_callbacks()
+            if self.optimize_hyperparameters or (checkpoint_every is None and self.resumed_from is None):
+                return
+            evaluation = next((c for c in self.callbacks if isinstance(c, EvalCallback)), None)
+            if evaluation is None:
+                raise ValueError("--checkpoint-every and --resume need evaluations (--eval-freq > 0): checkpoints follow them")
+            if self.resumed_from is not None:
+                steps = self.resumed_from["num_timesteps"]
+                zoo_resume.restore_evaluations(evaluation, os.path.join(self.save_path, "evaluations.npz"), up_to=steps)
+            if checkpoint_every is not None:
+                offset = 0.0 if self.resumed_from is None else self.resumed_from["wall_clock_s"]
+                saver = zoo_resume.CheckpointAfterEvaluation(self.save_path, self.env_name, checkpoint_every, offset)
+                evaluation.callback = saver if evaluation.callback is None else CallbackList([evaluation.callback, saver])
+                evaluation.callback.parent = evaluation
+
+        def learn(self, model: Any) -> None:
+            if self.resumed_from is None:
+                super().learn(model)
+                return
+            # The rest of the budget, counted on from the checkpoint's num_timesteps.
+            self.n_timesteps = max(self.n_timesteps - model.num_timesteps, 0)
+            super().learn(_ContinuingCount(model))
+
+    return ZooExperimentManager
+
+
+class _ContinuingCount:
+    """``model`` whose ``learn`` continues ``num_timesteps`` (``reset_num_timesteps=False``) for the
+    zoo's ``ExperimentManager.learn``. A proxy: an attribute set on the model itself would be
+    pickled by every ``model.save``."""
+
+    def __init__(self, model: Any) -> None:
+        self._model = model
+
+    def learn(self, *args: Any, **kwargs: Any) -> Any:
+        return self._model.learn(*args, reset_num_timesteps=False, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+def split_resume_args(argv: list[str]) -> tuple[int | None, str | None, list[str]]:
+    """``train`` arguments -> (``--checkpoint-every``, ``--resume``, the zoo's own arguments)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="sb3_dreamer.zoo train", allow_abbrev=False, add_help=False)
+    parser.add_argument("--checkpoint-every", type=int, default=None)
+    parser.add_argument("--resume", default=None)
+    ours, rest = parser.parse_known_args(argv)
+    if ours.checkpoint_every is not None and ours.checkpoint_every < 1:
+        raise SystemExit(f"--checkpoint-every {ours.checkpoint_every}: give a positive number of evaluations")
+    return ours.checkpoint_every, ours.resume, rest
 
 
 def _algo(argv: list[str]) -> str | None:
@@ -136,10 +221,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     register()
     if command == "train":
+        checkpoint_every, resume, args = split_resume_args(args)
         args = with_default_config(args)
         import rl_zoo3.train
 
-        rl_zoo3.train.ExperimentManager = _experiment_manager_claiming_its_folder()  # type: ignore[attr-defined]
+        rl_zoo3.train.ExperimentManager = _experiment_manager(checkpoint_every, resume)  # type: ignore[attr-defined]
     sys.argv = [f"sb3_dreamer.zoo {command}", *args]  # the zoo's commands parse sys.argv
     if command == "record_video":  # a script in the zoo, not a function
         import runpy

@@ -7,7 +7,9 @@ Every run is ``python -m sb3_dreamer.zoo train`` with the algorithm's own zoo hy
 (ours for Dreamer) and the same budget (``-n``), evaluation frequency and episodes
 (deterministic, one eval env), so the curves are comparable. Runs log to the zoo's
 ``<log-folder>/<algo>/<Env>_<N>/``, so ``rl_zoo3.plots.all_plots`` works on them too. A finished
-run leaves ``<out>/runs/<algo>_<env>_seed<S>.json``; a rerun skips it. Pairs the zoo cannot run (no
+run leaves ``<out>/runs/<algo>_<env>_seed<S>.json``; a rerun skips it. A run takes a checkpoint
+after every evaluation (``--checkpoint-every``), and a rerun continues a stopped run from its latest
+checkpoint in its own folder (:mod:`sb3_dreamer.zoo_resume`), its wall-clock summed over attempts. Pairs the zoo cannot run (no
 hyperparameters for the env in the algorithm's YAML, or an action space the algorithm does not
 support: DQN on Pendulum, SAC on CartPole) are skipped with a note, so one command covers a grid
 of mixed action spaces.
@@ -34,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sb3_dreamer import benchmark
+from sb3_dreamer import benchmark, zoo_resume
 from sb3_dreamer.launcher import Job, run_jobs
 
 # Solved thresholds (mean evaluation return) and the return of a uniformly random policy, which
@@ -103,14 +105,34 @@ def skip_reason(algo: str, env_id: str) -> str | None:
     return None
 
 
-def train_command(algo: str, env_id: str, seed: int, args: argparse.Namespace) -> list[str]:
-    """The zoo command of one run (Dreamer registered by our entry point; others are the zoo's own)."""
+def train_command(algo: str, env_id: str, seed: int, args: argparse.Namespace, resume: str | None = None) -> list[str]:
+    """The zoo command of one run (Dreamer registered by our entry point; others are the zoo's own),
+    continuing the run folder ``resume`` from its latest checkpoint when given."""
     return [
         sys.executable, "-m", "sb3_dreamer.zoo", "train", "--algo", algo, "--env", env_id, "--seed", str(seed),
         "-n", str(args.n_timesteps), "--eval-freq", str(args.eval_freq), "--eval-episodes", str(args.eval_episodes),
         "--n-eval-envs", "1", "-f", str(args.log_folder), "--device", args.device, "--log-interval", "-2",
+        *(["--checkpoint-every", str(args.checkpoint_every)] if args.checkpoint_every > 0 else []),
+        *(["--resume", resume] if resume is not None else []),
         *(["-params", *args.params] if args.params and algo == "dreamer" else []),
     ]  # fmt: skip
+
+
+def log_paths(log: Path) -> list[str]:
+    """The zoo run folders a run's log names (``Log path: ...``), oldest attempt first."""
+    if not log.is_file():
+        return []
+    return [m.strip() for m in re.findall(r"^Log path: (.+)$", log.read_text(), flags=re.MULTILINE)]
+
+
+def resume_point(log: Path) -> tuple[str, float] | None:
+    """(run folder, wall-clock seconds trained so far) of an unfinished run whose last attempt left
+    a complete checkpoint; None to start it afresh."""
+    folders = log_paths(log)
+    checkpoint = zoo_resume.latest_checkpoint(folders[-1]) if folders else None
+    if checkpoint is None:
+        return None
+    return folders[-1], float(zoo_resume.read_progress(checkpoint)["wall_clock_s"])
 
 
 def check_distinct_log_paths(runs: list[dict]) -> None:
@@ -260,6 +282,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--log-folder", type=Path, default=Path("logs"))
     parser.add_argument("--out", type=Path, default=Path("zoo_benchmark"))
+    parser.add_argument("--checkpoint-every", type=int, default=1,
+                        help="a resumable checkpoint after every K-th evaluation (0: none); a rerun continues a stopped run from it")  # fmt: skip
     parser.add_argument("--params", nargs="*", default=None, help="overrides of Dreamer's hyperparameters (zoo -params key:value); the baselines keep the zoo's own")
     args = parser.parse_args(argv)
     (args.out / "runs").mkdir(parents=True, exist_ok=True)
@@ -273,15 +297,24 @@ def main(argv: list[str] | None = None) -> None:
     todo = [(a, e, s) for a, e, s in grid if not (args.out / "runs" / f"{run_name(a, e, s)}.json").exists()]
     print(f"{len(todo)} run(s) to do, {len(grid) - len(todo)} already done in {args.out}", flush=True)
     logs = {run_name(*key): args.out / "runs" / f"{run_name(*key)}.log" for key in todo}
-    jobs = [Job(run_name(*key), train_command(*key, args), logs[run_name(*key)]) for key in todo]
+    resumes = {name: resume_point(log) for name, log in logs.items()}
+    for name, point in resumes.items():
+        if point is not None:
+            print(f"{name}: resuming {point[0]} from its latest checkpoint", flush=True)
+    jobs = []
+    for key in todo:
+        name = run_name(*key)
+        resume = resumes[name][0] if resumes[name] is not None else None
+        jobs.append(Job(name, train_command(*key, args, resume=resume), logs[name]))
     results = run_jobs(jobs, args.jobs)
     for algo, env_id, seed in todo:
         name = run_name(algo, env_id, seed)
         code, seconds = results[name]
-        found = re.findall(r"^Log path: (.+)$", logs[name].read_text(), flags=re.MULTILINE)
+        found = log_paths(logs[name])
         if code != 0 or not found:
-            continue  # not recorded: the next invocation runs it again
-        record = dict(algo=algo, env=env_id, seed=seed, log_path=found[-1].strip(), wall_clock_s=seconds,
+            continue  # not recorded: the next invocation resumes it from its checkpoint, or runs it again
+        earlier = resumes[name][1] if resumes[name] is not None else 0.0
+        record = dict(algo=algo, env=env_id, seed=seed, log_path=found[-1], wall_clock_s=earlier + seconds,
                       n_timesteps=args.n_timesteps, eval_freq=args.eval_freq, eval_episodes=args.eval_episodes)  # fmt: skip
         (args.out / "runs" / f"{name}.json").write_text(json.dumps(record, indent=1))
 

@@ -1,5 +1,6 @@
 """The RL Zoo entry point: registration, our YAML, train/enjoy/optimize through the zoo, the grid benchmark."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -147,3 +148,80 @@ def test_benchmark_refuses_runs_that_share_a_log_folder():
     with pytest.raises(ValueError, match="share a zoo log folder"):
         check_distinct_log_paths(runs)
     check_distinct_log_paths([dict(runs[0]), dict(runs[1], log_path="logs/ppo/CartPole-v1_2")])
+
+
+def test_a_run_resumes_from_its_checkpoint_in_its_own_folder(tmp_path):
+    from stable_baselines3.common.monitor import load_results
+
+    from sb3_dreamer.zoo_resume import read_progress
+
+    common = ["--algo", "dreamer", "--env", "CartPole-v1", "--eval-freq", "100", "--eval-episodes", "2", "--n-eval-envs", "1",
+              "--seed", "0", "--device", "cpu", "-f", "logs", "--checkpoint-every", "1"]  # fmt: skip
+    params = ["-params", "learning_starts:80", "train_ratio:16", TINY]
+    zoo("train", *common, "-n", "300", *params, cwd=tmp_path)
+    run = tmp_path / "logs" / "dreamer" / "CartPole-v1_1"
+    assert sorted(p.name for p in run.glob("checkpoint_*")) == ["checkpoint_300"]  # older ones deleted
+    assert {p.name for p in (run / "checkpoint_300").iterdir()} == {"model.zip", "replay_buffer.pkl", "progress.json"}
+    assert read_progress(run / "checkpoint_300")["num_timesteps"] == 300
+    first_buffer = Dreamer.load(run / "checkpoint_300" / "model.zip")
+    first_buffer.load_replay_buffer(run / "checkpoint_300" / "replay_buffer.pkl", truncate_last_traj=False)
+    first = first_buffer.replay_buffer
+    episodes = len(load_results(str(run)))
+
+    out = zoo("train", *common, "-n", "500", "--resume", str(run), *params, cwd=tmp_path)
+    assert f"Resuming {run} from checkpoint_300" in out
+    assert sorted(p.name for p in (tmp_path / "logs" / "dreamer").iterdir()) == ["CartPole-v1_1"]  # no new folder
+    assert list(np.load(run / "evaluations.npz")["timesteps"]) == [100, 200, 300, 400, 500]
+    assert Dreamer.load(run / "CartPole-v1.zip").num_timesteps == 500
+    assert sorted(p.name for p in run.glob("checkpoint_*")) == ["checkpoint_500"]
+    model = Dreamer.load(run / "checkpoint_500" / "model.zip")
+    model.load_replay_buffer(run / "checkpoint_500" / "replay_buffer.pkl", truncate_last_traj=False)
+    resumed = model.replay_buffer
+    rows = int(first.count[0])
+    assert resumed.count[0] >= rows + 200  # the first attempt's rows are kept, then the new ones
+    np.testing.assert_array_equal(resumed.actions[:rows], first.actions[:rows])
+    assert len(load_results(str(run))) > episodes  # both attempts' training episodes
+
+
+def test_resume_needs_a_complete_checkpoint(tmp_path):
+    from sb3_dreamer.zoo_benchmark import resume_point, train_command
+    from sb3_dreamer.zoo_resume import latest_checkpoint
+
+    run = tmp_path / "logs" / "ppo" / "CartPole-v1_1"
+    (run / "CartPole-v1").mkdir(parents=True)
+    (run / "checkpoint_200").mkdir()
+    (run / "checkpoint_200" / "progress.json").write_text('{"num_timesteps": 200, "wall_clock_s": 12.5}')
+    (run / "checkpoint_300").mkdir()  # stopped while saving: no progress.json
+    assert latest_checkpoint(run) == run / "checkpoint_200"
+    log = tmp_path / "ppo_CartPole-v1_seed0.log"
+    log.write_text(f"Log path: {tmp_path / 'old'}\nLog path: {run}\n")
+    assert resume_point(log) == (str(run), 12.5)
+    assert resume_point(tmp_path / "missing.log") is None
+    args = argparse.Namespace(n_timesteps=500, eval_freq=100, eval_episodes=2, log_folder="logs", device="cpu",
+                              checkpoint_every=1, params=None)  # fmt: skip
+    command = train_command("ppo", "CartPole-v1", 0, args, resume=str(run))
+    assert command[command.index("--resume") + 1] == str(run) and "--checkpoint-every" in command
+
+    empty = tmp_path / "logs" / "ppo" / "CartPole-v1_2"
+    (empty / "CartPole-v1").mkdir(parents=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sb3_dreamer.zoo", "train", "--algo", "ppo", "--env", "CartPole-v1", "-n", "100",
+         "--device", "cpu", "--resume", str(empty)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    assert proc.returncode != 0 and "no complete checkpoint_<steps>/ in it" in proc.stderr
+
+
+def test_restore_evaluations_keeps_those_up_to_the_checkpoint(tmp_path):
+    import gymnasium as gym
+    from stable_baselines3.common.callbacks import EvalCallback
+
+    from sb3_dreamer.zoo_resume import restore_evaluations
+
+    np.savez(tmp_path / "evaluations.npz", timesteps=np.array([100, 200, 300]), results=np.array([[1.0, 3.0], [5.0, 7.0], [9.0, 9.0]]),
+             ep_lengths=np.array([[1, 3], [5, 7], [9, 9]]))  # fmt: skip
+    callback = EvalCallback(gym.make("CartPole-v1"))
+    restore_evaluations(callback, tmp_path / "evaluations.npz", up_to=200)  # 300 came after the checkpoint
+    assert callback.evaluations_timesteps == [100, 200]
+    assert callback.evaluations_results == [[1.0, 3.0], [5.0, 7.0]] and callback.evaluations_length == [[1, 3], [5, 7]]
+    assert callback.best_mean_reward == 6.0

@@ -1,0 +1,115 @@
+"""Resumable zoo runs: a checkpoint after evaluations, and a stopped run continued in its own folder.
+
+    python -m sb3_dreamer.zoo train --algo dreamer --env LunarLander-v3 --eval-freq 5000 --checkpoint-every 1
+    python -m sb3_dreamer.zoo train --algo dreamer --env LunarLander-v3 --eval-freq 5000 --checkpoint-every 1 \\
+        --resume logs/dreamer/LunarLander-v3_1          # the same budget (-n); continues where it stopped
+
+A checkpoint is taken right after an evaluation, so a resumed run evaluates at the same env steps
+as an uninterrupted one. It is a folder ``<run>/checkpoint_<steps>/`` holding ``model.zip``,
+``replay_buffer.pkl`` (off-policy algorithms and Dreamer), ``<Env>/vecnormalize.pkl`` (when the
+env is normalised) and, written last, ``progress.json``: a folder without it is incomplete and
+ignored. Older checkpoints are deleted once a newer one is complete, so a stop at any moment leaves
+one complete checkpoint. Resuming keeps ``evaluations.npz`` up to the checkpoint's step, keeps the
+earlier training-episode log beside the new one (``*.monitor.csv``, as SB3's ``load_results``
+reads them), and continues ``num_timesteps`` to the run's budget. It is not bit-identical to an
+uninterrupted run: the env is reset and the random generators are seeded again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from stable_baselines3.common.callbacks import BaseCallback, EvalCallback
+
+PROGRESS = "progress.json"
+
+
+def latest_checkpoint(run_folder: str | Path) -> Path | None:
+    """The complete ``checkpoint_<steps>`` folder of ``run_folder`` with the most env steps (None if none)."""
+    complete = [p for p in Path(run_folder).glob("checkpoint_*") if (p / PROGRESS).is_file()]
+    return max(complete, key=lambda p: read_progress(p)["num_timesteps"], default=None)
+
+
+def read_progress(checkpoint: str | Path) -> dict[str, Any]:
+    """``{"num_timesteps": int, "wall_clock_s": float}`` of a checkpoint folder."""
+    return json.loads((Path(checkpoint) / PROGRESS).read_text())
+
+
+class CheckpointAfterEvaluation(BaseCallback):
+    """Save a resumable checkpoint after every ``every``-th evaluation (an ``EvalCallback``'s
+    ``callback_after_eval``) into ``<run_folder>/checkpoint_<steps>/``.
+
+    :param run_folder: the zoo's run folder (``logs/<algo>/<Env>_<N>``)
+    :param env_name: the env's folder name inside the checkpoint, where the zoo looks for
+        ``vecnormalize.pkl`` when it loads a trained agent
+    :param every: evaluations between checkpoints
+    :param wall_clock_offset: seconds the run had trained before this process (a resumed run)
+    """
+
+    def __init__(self, run_folder: str | Path, env_name: str, every: int = 1, wall_clock_offset: float = 0.0):
+        super().__init__()
+        if every < 1:
+            raise ValueError(f"checkpoint every {every} evaluations: give a positive number of evaluations")
+        self.run_folder = Path(run_folder)
+        self.env_name = env_name
+        self.every = every
+        self.wall_clock_offset = wall_clock_offset
+        self.start = time.perf_counter()
+
+    def _on_step(self) -> bool:
+        if self.n_calls % self.every == 0:
+            self.save()
+        return True
+
+    def save(self) -> Path:
+        """Write a complete checkpoint of the model now, then delete the older ones."""
+        folder = self.run_folder / f"checkpoint_{self.num_timesteps}"
+        if folder.exists():
+            shutil.rmtree(folder)  # an incomplete one from a stopped attempt
+        folder.mkdir(parents=True)
+        self.model.save(folder / "model")
+        if getattr(self.model, "replay_buffer", None) is not None and hasattr(self.model, "save_replay_buffer"):
+            self.model.save_replay_buffer(folder / "replay_buffer.pkl")
+        vec_normalize = self.model.get_vec_normalize_env()
+        if vec_normalize is not None:
+            (folder / self.env_name).mkdir()
+            vec_normalize.save(str(folder / self.env_name / "vecnormalize.pkl"))
+        progress = {"num_timesteps": self.num_timesteps, "wall_clock_s": self.wall_clock_offset + time.perf_counter() - self.start}
+        tmp = folder / (PROGRESS + ".tmp")
+        tmp.write_text(json.dumps(progress))
+        os.replace(tmp, folder / PROGRESS)  # the checkpoint is complete from here on
+        for old in self.run_folder.glob("checkpoint_*"):
+            if old != folder:
+                shutil.rmtree(old)
+        return folder
+
+
+def restore_evaluations(eval_callback: EvalCallback, npz_path: str | Path, up_to: int) -> None:
+    """Give ``eval_callback`` the evaluations in ``npz_path`` at or before env step ``up_to``, so it
+    appends to them instead of overwriting the file with the resumed run's alone."""
+    if not Path(npz_path).is_file():
+        return
+    data = np.load(npz_path)
+    keep = data["timesteps"] <= up_to
+    eval_callback.evaluations_timesteps = data["timesteps"][keep].tolist()
+    eval_callback.evaluations_results = data["results"][keep].tolist()
+    eval_callback.evaluations_length = data["ep_lengths"][keep].tolist()
+    if "successes" in data:
+        eval_callback.evaluations_successes = data["successes"][keep].tolist()
+    if keep.any():
+        eval_callback.best_mean_reward = float(np.max(np.mean(data["results"][keep], axis=1)))
+
+
+def keep_earlier_monitor_logs(run_folder: str | Path, resumed_at: int) -> None:
+    """Rename the run's ``<i>.monitor.csv`` so the resumed run's Monitor does not overwrite them
+    (``<i>.before_<steps>.monitor.csv``; SB3's ``load_results`` reads every ``*monitor.csv``)."""
+    for path in Path(run_folder).glob("*.monitor.csv"):
+        stem = path.name[: -len(".monitor.csv")]
+        if "." not in stem:  # not one already renamed
+            path.rename(path.with_name(f"{stem}.before_{resumed_at}.monitor.csv"))
