@@ -116,6 +116,16 @@ def test_grid_benchmark_writes_csv_table_and_png(tmp_path):
     again = zoo("benchmark", "--algos", "dreamer", "ppo", "--envs", "CartPole-v1", "--seeds", "0", "--n-timesteps", "200",
                 "--eval-freq", "100", "--eval-episodes", "2", "--out", "bench", cwd=tmp_path)  # fmt: skip
     assert "0 run(s) to do, 2 already done" in again and "started" not in again and "started" in out
+    # A run stopped before its budget (here: its record removed, the budget raised) goes on from its checkpoint.
+    record = json.loads((bench / "runs" / "dreamer_CartPole-v1_seed0.json").read_text())
+    (bench / "runs" / "dreamer_CartPole-v1_seed0.json").unlink()
+    resumed = zoo("benchmark", "--algos", "dreamer", "--envs", "CartPole-v1", "--seeds", "0", "--n-timesteps", "300",
+                  "--eval-freq", "100", "--eval-episodes", "2", "--device", "cpu", "--out", "bench",
+                  "--params", "learning_starts:80", "train_ratio:16", TINY, cwd=tmp_path)  # fmt: skip
+    assert f"dreamer_CartPole-v1_seed0: resuming {record['log_path']} from its latest checkpoint" in resumed
+    again = json.loads((bench / "runs" / "dreamer_CartPole-v1_seed0.json").read_text())
+    assert again["log_path"] == record["log_path"] and again["wall_clock_s"] > record["wall_clock_s"]
+    assert list(np.load(tmp_path / record["log_path"] / "evaluations.npz")["timesteps"]) == [100, 200, 300]
 
 
 def test_claim_run_folder_takes_the_next_free_number(tmp_path, monkeypatch):
