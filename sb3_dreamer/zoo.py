@@ -121,9 +121,11 @@ def _experiment_manager(checkpoint_every: int | None = None, resume: str | None 
                     raise ValueError("--checkpoint-every and --resume are for training runs, not for --optimize studies")
                 return
             if resume is not None:
-                checkpoint = zoo_resume.latest_checkpoint(resume)
                 if not os.path.isdir(os.path.join(resume, self.env_name)):
                     raise ValueError(f"--resume {resume}: not a zoo run folder of {self.env_name} (no {self.env_name}/ config in it)")
+                if Path(resume).resolve().parent.name != self.algo:
+                    raise ValueError(f"--resume {resume}: a run folder of {Path(resume).resolve().parent.name}, not of --algo {self.algo}")
+                checkpoint = zoo_resume.latest_checkpoint(resume)
                 if checkpoint is None:
                     raise ValueError(
                         f"--resume {resume}: no complete checkpoint_<steps>/ in it; a run saves them with --checkpoint-every"
@@ -184,10 +186,15 @@ def split_resume_args(argv: list[str]) -> tuple[int | None, str | None, list[str
     """``train`` arguments -> (``--checkpoint-every``, ``--resume``, the zoo's own arguments)."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="sb3_dreamer.zoo train", allow_abbrev=False, add_help=False)
-    parser.add_argument("--checkpoint-every", type=int, default=None)
-    parser.add_argument("--resume", default=None)
+    parser = argparse.ArgumentParser(prog="sb3_dreamer.zoo train", allow_abbrev=False, add_help=False,
+                                     description="Options of sb3_dreamer (the zoo's own follow):")  # fmt: skip
+    parser.add_argument("--checkpoint-every", type=int, default=None, metavar="K",
+                        help="save a resumable checkpoint (model, replay buffer, progress) after every K-th evaluation")  # fmt: skip
+    parser.add_argument("--resume", default=None, metavar="RUN_FOLDER",
+                        help="continue a stopped run in its folder, from its latest checkpoint, to the same budget (-n)")  # fmt: skip
     ours, rest = parser.parse_known_args(argv)
+    if "-h" in rest or "--help" in rest:
+        print(parser.format_help())
     if ours.checkpoint_every is not None and ours.checkpoint_every < 1:
         raise SystemExit(f"--checkpoint-every {ours.checkpoint_every}: give a positive number of evaluations")
     return ours.checkpoint_every, ours.resume, rest
