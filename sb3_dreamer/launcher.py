@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,13 +24,21 @@ class Job:
     log: Path
 
 
-def run_jobs(jobs: list[Job], parallel: int = 1) -> dict[str, tuple[int, float]]:
+def run_jobs(
+    jobs: list[Job],
+    parallel: int = 1,
+    status: Callable[[Job], str | None] | None = None,
+    status_every: float = 600.0,
+) -> dict[str, tuple[int, float]]:
     """Run ``jobs``, at most ``parallel`` at a time, printing progress.
 
+    :param status: a line on a running job's progress (None: nothing to say yet), printed for each
+        running job every ``status_every`` seconds
     :return: for each job name, (exit code, wall-clock seconds)
     """
     pending, running = list(jobs), []
     results: dict[str, tuple[int, float]] = {}
+    last_status = time.perf_counter()
     free_cores = list(range(os.cpu_count() or 1))
     pin = parallel > 1 and shutil.which("taskset") is not None
     while pending or running:
@@ -49,6 +58,12 @@ def run_jobs(jobs: list[Job], parallel: int = 1) -> dict[str, tuple[int, float]]
             where = f" on core {core}" if core is not None else ""
             print(f"[{len(results) + len(running)}/{len(jobs)}] started {job.name}{where}", flush=True)
         time.sleep(1)
+        if status is not None and time.perf_counter() - last_status >= status_every:
+            last_status = time.perf_counter()
+            for _, _, job, start in running:
+                line = status(job)
+                if line is not None:
+                    print(f"    {job.name} ({time.perf_counter() - start:.0f} s): {line}", flush=True)
         for item in list(running):
             proc, core, job, start = item
             if proc.poll() is None:

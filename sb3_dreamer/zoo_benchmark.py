@@ -9,7 +9,8 @@ Every run is ``python -m sb3_dreamer.zoo train`` with the algorithm's own zoo hy
 ``<log-folder>/<algo>/<Env>_<N>/``, so ``rl_zoo3.plots.all_plots`` works on them too. A finished
 run leaves ``<out>/runs/<algo>_<env>_seed<S>.json``; a rerun skips it. A run takes a checkpoint
 after every evaluation (``--checkpoint-every``), and a rerun continues a stopped run from its latest
-checkpoint in its own folder (:mod:`sb3_dreamer.zoo_resume`), its wall-clock summed over attempts. Pairs the zoo cannot run (no
+checkpoint in its own folder (:mod:`sb3_dreamer.zoo_resume`), its wall-clock summed over attempts.
+While runs train, a line per running run gives its latest evaluation every ``--status-every`` seconds. Pairs the zoo cannot run (no
 hyperparameters for the env in the algorithm's YAML, or an action space the algorithm does not
 support: DQN on Pendulum, SAC on CartPole) are skipped with a note, so one command covers a grid
 of mixed action spaces.
@@ -32,6 +33,7 @@ import csv
 import json
 import re
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +125,22 @@ def log_paths(log: Path) -> list[str]:
     if not log.is_file():
         return []
     return [m.strip() for m in re.findall(r"^Log path: (.+)$", log.read_text(), flags=re.MULTILINE)]
+
+
+def progress_line(job: Job) -> str | None:
+    """The latest evaluation of a running job (from its zoo folder's ``evaluations.npz``)."""
+    folders = log_paths(job.log)
+    path = Path(folders[-1]) / "evaluations.npz" if folders else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        data = np.load(path)
+        timesteps, returns = data["timesteps"], data["results"]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # caught mid-write by the run: read it next time
+        return None
+    if len(timesteps) == 0:
+        return None
+    return f"{int(timesteps[-1])} env steps, last evaluation {returns[-1].mean():.1f}, best {returns.mean(1).max():.1f}"
 
 
 def resume_point(log: Path) -> tuple[str, float] | None:
@@ -284,6 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("zoo_benchmark"))
     parser.add_argument("--checkpoint-every", type=int, default=1,
                         help="a resumable checkpoint after every K-th evaluation (0: none); a rerun continues a stopped run from it")  # fmt: skip
+    parser.add_argument("--status-every", type=float, default=600.0, help="seconds between progress lines of running runs")
     parser.add_argument("--params", nargs="*", default=None, help="overrides of Dreamer's hyperparameters (zoo -params key:value); the baselines keep the zoo's own")
     args = parser.parse_args(argv)
     (args.out / "runs").mkdir(parents=True, exist_ok=True)
@@ -306,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
         name = run_name(*key)
         resume = resumes[name][0] if resumes[name] is not None else None
         jobs.append(Job(name, train_command(*key, args, resume=resume), logs[name]))
-    results = run_jobs(jobs, args.jobs)
+    results = run_jobs(jobs, args.jobs, status=progress_line, status_every=args.status_every)
     for algo, env_id, seed in todo:
         name = run_name(algo, env_id, seed)
         code, seconds = results[name]

@@ -235,3 +235,21 @@ def test_restore_evaluations_keeps_those_up_to_the_checkpoint(tmp_path):
     assert callback.evaluations_timesteps == [100, 200]
     assert callback.evaluations_results == [[1.0, 3.0], [5.0, 7.0]] and callback.evaluations_length == [[1, 3], [5, 7]]
     assert callback.best_mean_reward == 6.0
+
+
+def test_running_jobs_report_their_latest_evaluation(tmp_path, capsys):
+    from sb3_dreamer.launcher import Job, run_jobs
+    from sb3_dreamer.zoo_benchmark import progress_line
+
+    run = tmp_path / "logs" / "dreamer" / "CartPole-v1_1"
+    run.mkdir(parents=True)
+    log = tmp_path / "dreamer_CartPole-v1_seed0.log"
+    job = Job("dreamer_CartPole-v1_seed0", [sys.executable, "-c", f"print('Log path: {run}', flush=True); import time; time.sleep(3)"], log)
+    assert progress_line(job) is None  # nothing logged yet
+    np.savez(run / "evaluations.npz", timesteps=np.array([100, 200]), results=np.array([[10.0, 30.0], [5.0, 7.0]]),
+             ep_lengths=np.array([[10, 30], [5, 7]]))  # fmt: skip
+    results = run_jobs([job], parallel=1, status=progress_line, status_every=0.0)
+    assert results[job.name][0] == 0
+    out = capsys.readouterr().out
+    assert "dreamer_CartPole-v1_seed0 (" in out and "200 env steps, last evaluation 6.0, best 20.0" in out
+    assert log.read_text().startswith("=== ")  # each attempt's command heads its output
