@@ -29,11 +29,14 @@ def run_jobs(
     parallel: int = 1,
     status: Callable[[Job], str | None] | None = None,
     status_every: float = 600.0,
+    on_done: Callable[[Job, int, float], None] | None = None,
 ) -> dict[str, tuple[int, float]]:
     """Run ``jobs``, at most ``parallel`` at a time, printing progress.
 
     :param status: a line on a running job's progress (None: nothing to say yet), printed for each
         running job every ``status_every`` seconds
+    :param on_done: called with (job, exit code, wall-clock seconds) as soon as a job ends, so what
+        it produced is recorded even if the jobs after it are stopped
     :return: for each job name, (exit code, wall-clock seconds)
     """
     pending, running = list(jobs), []
@@ -74,4 +77,6 @@ def run_jobs(
             results[job.name] = (proc.returncode, time.perf_counter() - start)
             status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {job.log})"
             print(f"[{len(results)}/{len(jobs)}] {job.name}: {status} in {results[job.name][1]:.0f} s", flush=True)
+            if on_done is not None:
+                on_done(job, *results[job.name])
     return results

@@ -10,14 +10,17 @@ Every run is ``python -m sb3_dreamer.zoo train`` with the algorithm's own zoo hy
 run leaves ``<out>/runs/<algo>_<env>_seed<S>.json``; a rerun skips it. A run takes a checkpoint
 after every evaluation (``--checkpoint-every``), and a rerun continues a stopped run from its latest
 checkpoint in its own folder (:mod:`sb3_dreamer.zoo_resume`), its wall-clock summed over attempts.
-While runs train, a line per running run gives its latest evaluation every ``--status-every`` seconds. Pairs the zoo cannot run (no
+While runs train, a line per running run gives its latest evaluation every ``--status-every`` seconds.
+The outputs include runs not finished (still training, or stopped), read at their latest evaluation
+and marked; ``--report-only`` writes them from the runs so far without starting any. Pairs the zoo cannot run (no
 hyperparameters for the env in the algorithm's YAML, or an action space the algorithm does not
 support: DQN on Pendulum, SAC on CartPole) are skipped with a note, so one command covers a grid
 of mixed action spaces.
 
 Writes to ``<out>``:
 
-- ``evaluations.csv``: every evaluation point (algo, env, seed, timesteps, mean and std return);
+- ``evaluations.csv``: every evaluation point (algo, env, seed, timesteps, mean and std return,
+  whether the run has finished);
 - ``results.md``: per (algo, env), env steps to the solved threshold per seed and median, final
   return per seed, interquartile mean (IQM) of the final return with a 95% stratified bootstrap
   confidence interval (rliable), and wall-clock per run; then the IQM over envs of the
@@ -167,22 +170,34 @@ def check_distinct_log_paths(runs: list[dict]) -> None:
 
 
 def load_runs(out: Path, algos: list[str], envs: list[str], seeds: list[int]) -> list[dict]:
-    """Finished runs of the grid with their evaluations (timesteps [K], mean returns [K], std [K])."""
+    """Runs of the grid with their evaluations (timesteps [K], mean returns [K], std [K]).
+
+    Finished runs come from their records; a run that is still training, or was stopped, comes from
+    the zoo folder its log names, marked ``finished=False`` (its wall-clock is that of its latest
+    checkpoint, or None)."""
     runs = []
     for algo in algos:
         for env_id in envs:
             for seed in seeds:
-                path = out / "runs" / f"{run_name(algo, env_id, seed)}.json"
-                if not path.exists():
-                    continue
-                record = json.loads(path.read_text())
+                name = run_name(algo, env_id, seed)
+                path = out / "runs" / f"{name}.json"
+                if path.exists():
+                    record = dict(json.loads(path.read_text()), finished=True)
+                else:
+                    folders = log_paths(out / "runs" / f"{name}.log")
+                    if not folders or not (Path(folders[-1]) / "evaluations.npz").is_file():
+                        continue
+                    checkpoint = zoo_resume.latest_checkpoint(folders[-1])
+                    wall_clock = None if checkpoint is None else zoo_resume.read_progress(checkpoint)["wall_clock_s"]
+                    record = dict(algo=algo, env=env_id, seed=seed, log_path=folders[-1], wall_clock_s=wall_clock, finished=False)
                 data = np.load(Path(record["log_path"]) / "evaluations.npz")
                 record.update(
                     timesteps=data["timesteps"].tolist(),
                     mean=data["results"].mean(1).tolist(),
                     std=data["results"].std(1).tolist(),
                 )
-                runs.append(record)
+                if record["timesteps"]:
+                    runs.append(record)
     return runs
 
 
@@ -209,15 +224,21 @@ def iqm_interval(scores: np.ndarray, reps: int = 2000, seed: int = 0) -> tuple[f
 def write_csv(runs: list[dict], path: Path) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["algo", "env", "seed", "timesteps", "mean_return", "std_return"])
+        writer.writerow(["algo", "env", "seed", "timesteps", "mean_return", "std_return", "finished"])
         for r in runs:
             for t, m, s in zip(r["timesteps"], r["mean"], r["std"]):
-                writer.writerow([r["algo"], r["env"], r["seed"], t, f"{m:.3f}", f"{s:.3f}"])
+                writer.writerow([r["algo"], r["env"], r["seed"], t, f"{m:.3f}", f"{s:.3f}", int(r["finished"])])
 
 
 def results_table(runs: list[dict]) -> str:
-    """Markdown: one row per (algo, env), then the normalised aggregate per algo."""
-    k = lambda s: "unsolved" if np.isinf(s) else f"{s / 1000:g}k"  # noqa: E731
+    """Markdown: one row per (algo, env), then the normalised aggregate per algo. A run not finished
+    is marked with ``*`` and read at its latest evaluation: not at the threshold yet is ``>Nk``."""
+
+    def k(steps: float, run: dict | None = None) -> str:
+        if not np.isinf(steps):
+            return f"{steps / 1000:g}k"
+        return f">{run['timesteps'][-1] / 1000:g}k*" if run is not None and not run["finished"] else "unsolved"
+
     lines = [
         "| algo | env (threshold) | env steps to threshold, per seed | median | final return, per seed "
         "| IQM final return [95% CI] | wall-clock per run, median |",
@@ -232,13 +253,20 @@ def results_table(runs: list[dict]) -> str:
             if not group:
                 continue
             steps = [steps_to_solve(r["timesteps"], r["mean"], threshold) for r in group]
+            median = float(np.median(steps))  # a run below the threshold counts as never reaching it
+            pending = np.isinf(median) and not all(r["finished"] for r in group)
             finals = np.array([[r["mean"][-1]] for r in group])
             iqm, low, high = iqm_interval(finals)
+            clocks = [r["wall_clock_s"] for r in group if r["finished"]]
             lines.append(
-                f"| {algo} | {env_id} ({threshold:g}) | {', '.join(k(s) for s in steps)} | {k(float(np.median(steps)))} "
-                f"| {', '.join(f'{f:.0f}' for f in finals[:, 0])} | {iqm:.0f} [{low:.0f}, {high:.0f}] "
-                f"| {np.median([r['wall_clock_s'] for r in group]):.0f} s |"
+                f"| {algo} | {env_id} ({threshold:g}) | {', '.join(k(s, r) for s, r in zip(steps, group))} "
+                f"| {'not yet*' if pending else k(median)} "
+                f"| {', '.join(f'{f:.0f}' + ('' if r['finished'] else '*') for f, r in zip(finals[:, 0], group))} "
+                f"| {iqm:.0f} [{low:.0f}, {high:.0f}] | {f'{np.median(clocks):.0f} s' if clocks else '-'} |"
             )
+    if not all(r["finished"] for r in runs):
+        lines += ["", "\\* not finished (still training, or stopped): read at its latest evaluation; a rerun of the "
+                  "benchmark continues it from its checkpoint. Wall-clock is over finished runs."]  # fmt: skip
     normalised = [e for e in envs if e in RANDOM_RETURNS and e in THRESHOLDS]
     if normalised:
         lines += ["", f"Normalised final return (random policy 0, threshold 1), IQM over seeds x envs ({', '.join(normalised)}):", ""]
@@ -275,7 +303,9 @@ def plot_curves(runs: list[dict], path: Path) -> None:
             steps = np.array(group[0]["timesteps"][:length])
             returns = np.array([r["mean"][:length] for r in group])  # [seeds, K]
             boot = returns[rng.integers(0, len(group), size=(2000, len(group)))].mean(1)  # [2000, K]
-            ax.plot(steps, returns.mean(0), label=f"{algo} ({len(group)} seeds)")
+            unfinished = sum(not r["finished"] for r in group)
+            label = f"{algo} ({len(group)} seeds{f', {unfinished} not finished' if unfinished else ''})"
+            ax.plot(steps, returns.mean(0), label=label)
             ax.fill_between(steps, np.percentile(boot, 2.5, 0), np.percentile(boot, 97.5, 0), alpha=0.25)
         if env_id in THRESHOLDS:
             ax.axhline(THRESHOLDS[env_id], color="gray", linestyle="--", linewidth=1)
@@ -288,12 +318,38 @@ def plot_curves(runs: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def run_grid(todo: list[tuple[str, str, int]], args: argparse.Namespace) -> None:
+    """Run the (algo, env, seed) runs of ``todo``, each resumed from its checkpoint when an earlier
+    attempt left one, and write the record of each as soon as it finishes."""
+    keys = {run_name(*key): key for key in todo}
+    logs = {name: args.out / "runs" / f"{name}.log" for name in keys}
+    resumes = {name: resume_point(log) for name, log in logs.items()}
+    jobs = []
+    for name, key in keys.items():
+        resume = resumes[name][0] if resumes[name] is not None else None
+        if resume is not None:
+            print(f"{name}: resuming {resume} from its latest checkpoint", flush=True)
+        jobs.append(Job(name, train_command(*key, args, resume=resume), logs[name]))
+
+    def record(job: Job, code: int, seconds: float) -> None:
+        found = log_paths(job.log)
+        if code != 0 or not found:
+            return  # not recorded: the next invocation resumes it from its checkpoint, or runs it again
+        algo, env_id, seed = keys[job.name]
+        earlier = resumes[job.name][1] if resumes[job.name] is not None else 0.0
+        record = dict(algo=algo, env=env_id, seed=seed, log_path=found[-1], wall_clock_s=earlier + seconds,
+                      n_timesteps=args.n_timesteps, eval_freq=args.eval_freq, eval_episodes=args.eval_episodes)  # fmt: skip
+        (args.out / "runs" / f"{job.name}.json").write_text(json.dumps(record, indent=1))
+
+    run_jobs(jobs, args.jobs, status=progress_line, status_every=args.status_every, on_done=record)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--algos", nargs="+", default=["dreamer", "ppo"], help="zoo algorithm names (dreamer included)")
     parser.add_argument("--envs", nargs="+", default=["CartPole-v1"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--n-timesteps", type=int, required=True, help="env steps per run, the same for every algo")
+    parser.add_argument("--n-timesteps", type=int, help="env steps per run, the same for every algo (required to run)")
     parser.add_argument("--eval-freq", type=int, default=1000, help="env steps between evaluations")
     parser.add_argument("--eval-episodes", type=int, default=10)
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, each pinned to one core")
@@ -302,9 +358,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("zoo_benchmark"))
     parser.add_argument("--checkpoint-every", type=int, default=1,
                         help="a resumable checkpoint after every K-th evaluation (0: none); a rerun continues a stopped run from it")  # fmt: skip
+    parser.add_argument("--report-only", action="store_true",
+                        help="start nothing: write the CSV, table and plot from the runs so far (unfinished ones marked)")  # fmt: skip
     parser.add_argument("--status-every", type=float, default=600.0, help="seconds between progress lines of running runs")
     parser.add_argument("--params", nargs="*", default=None, help="overrides of Dreamer's hyperparameters (zoo -params key:value); the baselines keep the zoo's own")
     args = parser.parse_args(argv)
+    if args.n_timesteps is None and not args.report_only:
+        parser.error("--n-timesteps is required (the budget of every run), unless --report-only")
     (args.out / "runs").mkdir(parents=True, exist_ok=True)
 
     pairs = [(a, e) for a in args.algos for e in args.envs]
@@ -314,33 +374,14 @@ def main(argv: list[str] | None = None) -> None:
             print(f"skipped {algo} on {env_id}: {reason}", flush=True)
     grid = [(a, e, s) for a, e in pairs if reasons[a, e] is None for s in args.seeds]
     todo = [(a, e, s) for a, e, s in grid if not (args.out / "runs" / f"{run_name(a, e, s)}.json").exists()]
-    print(f"{len(todo)} run(s) to do, {len(grid) - len(todo)} already done in {args.out}", flush=True)
-    logs = {run_name(*key): args.out / "runs" / f"{run_name(*key)}.log" for key in todo}
-    resumes = {name: resume_point(log) for name, log in logs.items()}
-    for name, point in resumes.items():
-        if point is not None:
-            print(f"{name}: resuming {point[0]} from its latest checkpoint", flush=True)
-    jobs = []
-    for key in todo:
-        name = run_name(*key)
-        resume = resumes[name][0] if resumes[name] is not None else None
-        jobs.append(Job(name, train_command(*key, args, resume=resume), logs[name]))
-    results = run_jobs(jobs, args.jobs, status=progress_line, status_every=args.status_every)
-    for algo, env_id, seed in todo:
-        name = run_name(algo, env_id, seed)
-        code, seconds = results[name]
-        found = log_paths(logs[name])
-        if code != 0 or not found:
-            continue  # not recorded: the next invocation resumes it from its checkpoint, or runs it again
-        earlier = resumes[name][1] if resumes[name] is not None else 0.0
-        record = dict(algo=algo, env=env_id, seed=seed, log_path=found[-1], wall_clock_s=earlier + seconds,
-                      n_timesteps=args.n_timesteps, eval_freq=args.eval_freq, eval_episodes=args.eval_episodes)  # fmt: skip
-        (args.out / "runs" / f"{name}.json").write_text(json.dumps(record, indent=1))
+    if not args.report_only:
+        print(f"{len(todo)} run(s) to do, {len(grid) - len(todo)} already done in {args.out}", flush=True)
+        run_grid(todo, args)
 
     runs = load_runs(args.out, args.algos, args.envs, args.seeds)
     check_distinct_log_paths(runs)
     if not runs:
-        raise SystemExit(f"No finished runs in {args.out}; see the .log files in {args.out / 'runs'}")
+        raise SystemExit(f"No evaluations yet in {args.out}; see the .log files in {args.out / 'runs'}")
     write_csv(runs, args.out / "evaluations.csv")
     table = results_table(runs)
     (args.out / "results.md").write_text(table + "\n")

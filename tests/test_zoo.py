@@ -108,7 +108,7 @@ def test_grid_benchmark_writes_csv_table_and_png(tmp_path):
               "--params", "learning_starts:80", "train_ratio:16", TINY, cwd=tmp_path)  # fmt: skip
     bench = tmp_path / "bench"
     csv_lines = (bench / "evaluations.csv").read_text().splitlines()
-    assert csv_lines[0] == "algo,env,seed,timesteps,mean_return,std_return" and len(csv_lines) == 1 + 2 * 2
+    assert csv_lines[0] == "algo,env,seed,timesteps,mean_return,std_return,finished" and len(csv_lines) == 1 + 2 * 2
     table = (bench / "results.md").read_text()
     assert "| dreamer | CartPole-v1 (475) |" in table and "| ppo | CartPole-v1 (475) |" in table and "IQM" in table
     assert (bench / "curves.png").stat().st_size > 10_000
@@ -248,8 +248,32 @@ def test_running_jobs_report_their_latest_evaluation(tmp_path, capsys):
     assert progress_line(job) is None  # nothing logged yet
     np.savez(run / "evaluations.npz", timesteps=np.array([100, 200]), results=np.array([[10.0, 30.0], [5.0, 7.0]]),
              ep_lengths=np.array([[10, 30], [5, 7]]))  # fmt: skip
-    results = run_jobs([job], parallel=1, status=progress_line, status_every=0.0)
-    assert results[job.name][0] == 0
+    done = []
+    results = run_jobs([job], parallel=1, status=progress_line, status_every=0.0, on_done=lambda *args: done.append(args))
+    assert results[job.name][0] == 0 and done == [(job, 0, results[job.name][1])]
     out = capsys.readouterr().out
     assert "dreamer_CartPole-v1_seed0 (" in out and "200 env steps, last evaluation 6.0, best 20.0" in out
     assert log.read_text().startswith("=== ")  # each attempt's command heads its output
+
+
+def test_report_marks_runs_not_finished(tmp_path):
+    """A stopped run (a log naming its zoo folder, no record) is read at its latest evaluation and marked."""
+    from sb3_dreamer.zoo_benchmark import main
+
+    bench = tmp_path / "bench"
+    (bench / "runs").mkdir(parents=True)
+    for seed, (returns, finished) in enumerate([([100.0, 300.0, 480.0], True), ([50.0, 200.0], False), ([480.0], False)]):
+        folder = tmp_path / "logs" / f"CartPole-v1_{seed + 1}"
+        folder.mkdir(parents=True)
+        np.savez(folder / "evaluations.npz", timesteps=1000 * np.arange(1, len(returns) + 1), results=np.array(returns)[:, None],
+                 ep_lengths=np.ones((len(returns), 1)))  # fmt: skip
+        (bench / "runs" / f"dreamer_CartPole-v1_seed{seed}.log").write_text(f"Log path: {folder}\n")
+        if finished:
+            record = dict(algo="dreamer", env="CartPole-v1", seed=seed, log_path=str(folder), wall_clock_s=60.0)
+            (bench / "runs" / f"dreamer_CartPole-v1_seed{seed}.json").write_text(json.dumps(record))
+    main(["--algos", "dreamer", "--envs", "CartPole-v1", "--seeds", "0", "1", "2", "--out", str(bench), "--report-only"])
+    table = (bench / "results.md").read_text()
+    assert "| dreamer | CartPole-v1 (475) | 3k, >2k*, 1k | 3k | 480, 200*, 480* |" in table and "| 60 s |" in table
+    assert "not finished" in table
+    assert (bench / "evaluations.csv").read_text().splitlines()[-1] == "dreamer,CartPole-v1,2,1000,480.000,0.000,0"
+    assert not list((bench / "runs").glob("*seed1.json"))  # a report starts and records nothing
