@@ -12,10 +12,10 @@ after every evaluation (``--checkpoint-every``), and a rerun continues a stopped
 checkpoint in its own folder (:mod:`sb3_dreamer.zoo_resume`), its wall-clock summed over attempts.
 While runs train, a line per running run gives its latest evaluation every ``--status-every`` seconds.
 The outputs include runs not finished (still training, or stopped), read at their latest evaluation
-and marked; ``--report-only`` writes them from the runs so far without starting any. Pairs the zoo cannot run (no
-hyperparameters for the env in the algorithm's YAML, or an action space the algorithm does not
-support: DQN on Pendulum, SAC on CartPole) are skipped with a note, so one command covers a grid
-of mixed action spaces.
+and marked; ``--report-only`` writes them from the runs so far without starting any. Pairs the zoo
+cannot run (no hyperparameters for the env in the algorithm's YAML, or an action space the
+algorithm does not support: DQN on Pendulum, SAC on CartPole) are skipped with a note, so one
+command covers a grid of mixed action spaces.
 
 Writes to ``<out>``:
 
@@ -254,19 +254,20 @@ def results_table(runs: list[dict]) -> str:
                 continue
             steps = [steps_to_solve(r["timesteps"], r["mean"], threshold) for r in group]
             median = float(np.median(steps))  # a run below the threshold counts as never reaching it
-            pending = np.isinf(median) and not all(r["finished"] for r in group)
+            unfinished = not all(r["finished"] for r in group)
             finals = np.array([[r["mean"][-1]] for r in group])
             iqm, low, high = iqm_interval(finals)
             clocks = [r["wall_clock_s"] for r in group if r["finished"]]
             lines.append(
                 f"| {algo} | {env_id} ({threshold:g}) | {', '.join(k(s, r) for s, r in zip(steps, group))} "
-                f"| {'not yet*' if pending else k(median)} "
+                f"| {('not yet' if np.isinf(median) else k(median)) + '*' if unfinished else k(median)} "
                 f"| {', '.join(f'{f:.0f}' + ('' if r['finished'] else '*') for f, r in zip(finals[:, 0], group))} "
                 f"| {iqm:.0f} [{low:.0f}, {high:.0f}] | {f'{np.median(clocks):.0f} s' if clocks else '-'} |"
             )
     if not all(r["finished"] for r in runs):
-        lines += ["", "\\* not finished (still training, or stopped): read at its latest evaluation; a rerun of the "
-                  "benchmark continues it from its checkpoint. Wall-clock is over finished runs."]  # fmt: skip
+        lines += ["", "\\* not finished (still training, or stopped): read at its latest evaluation, and a median over "
+                  "such runs may still fall; a rerun of the benchmark continues them from their checkpoints. Wall-clock "
+                  "is over finished runs."]  # fmt: skip
     normalised = [e for e in envs if e in RANDOM_RETURNS and e in THRESHOLDS]
     if normalised:
         lines += ["", f"Normalised final return (random policy 0, threshold 1), IQM over seeds x envs ({', '.join(normalised)}):", ""]
