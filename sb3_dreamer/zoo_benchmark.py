@@ -116,7 +116,7 @@ def train_command(algo: str, env_id: str, seed: int, args: argparse.Namespace, r
     return [
         sys.executable, "-m", "sb3_dreamer.zoo", "train", "--algo", algo, "--env", env_id, "--seed", str(seed),
         "-n", str(args.n_timesteps), "--eval-freq", str(args.eval_freq), "--eval-episodes", str(args.eval_episodes),
-        "--n-eval-envs", "1", "-f", str(args.log_folder), "--device", args.device, "--log-interval", "-2",
+        "--n-eval-envs", "1", "-f", str(args.log_folder.resolve()), "--device", args.device, "--log-interval", "-2",
         *(["--checkpoint-every", str(args.checkpoint_every)] if args.checkpoint_every > 0 else []),
         *(["--resume", resume] if resume is not None else []),
         *(["-params", *args.params] if args.params and algo == "dreamer" else []),
@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-episodes", type=int, default=10)
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, each pinned to one core")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--log-folder", type=Path, default=Path("logs"))
+    parser.add_argument("--log-folder", type=Path, default=Path("logs"), help="the zoo's -f (made absolute, so a rerun from another directory finds its runs)")
     parser.add_argument("--out", type=Path, default=Path("zoo_benchmark"))
     parser.add_argument("--checkpoint-every", type=int, default=1,
                         help="a resumable checkpoint after every K-th evaluation (0: none); a rerun continues a stopped run from it")  # fmt: skip

@@ -207,7 +207,7 @@ def test_resume_needs_a_complete_checkpoint(tmp_path):
     log.write_text(f"Log path: {tmp_path / 'old'}\nLog path: {run}\n")
     assert resume_point(log) == (str(run), 12.5)
     assert resume_point(tmp_path / "missing.log") is None
-    args = argparse.Namespace(n_timesteps=500, eval_freq=100, eval_episodes=2, log_folder="logs", device="cpu",
+    args = argparse.Namespace(n_timesteps=500, eval_freq=100, eval_episodes=2, log_folder=Path("logs"), device="cpu",
                               checkpoint_every=1, params=None)  # fmt: skip
     command = train_command("ppo", "CartPole-v1", 0, args, resume=str(run))
     assert command[command.index("--resume") + 1] == str(run) and "--checkpoint-every" in command
