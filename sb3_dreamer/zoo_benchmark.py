@@ -146,6 +146,14 @@ def progress_line(job: Job) -> str | None:
     return f"{int(timesteps[-1])} env steps, last evaluation {returns[-1].mean():.1f}, best {returns.mean(1).max():.1f}"
 
 
+def saved_timesteps(model_zip: Path) -> int | None:
+    """``num_timesteps`` of a model saved by SB3 (from the zip's ``data`` JSON; None if absent)."""
+    if not model_zip.is_file():
+        return None
+    with zipfile.ZipFile(model_zip) as archive:
+        return int(json.loads(archive.read("data"))["num_timesteps"])
+
+
 def resume_point(log: Path) -> tuple[str, float] | None:
     """(run folder, wall-clock seconds trained so far) of an unfinished run whose last attempt left
     a complete checkpoint; None to start it afresh."""
@@ -190,7 +198,13 @@ def load_runs(out: Path, algos: list[str], envs: list[str], seeds: list[int]) ->
                     checkpoint = zoo_resume.latest_checkpoint(folders[-1])
                     wall_clock = None if checkpoint is None else zoo_resume.read_progress(checkpoint)["wall_clock_s"]
                     record = dict(algo=algo, env=env_id, seed=seed, log_path=folders[-1], wall_clock_s=wall_clock, finished=False)
-                data = np.load(Path(record["log_path"]) / "evaluations.npz")
+                evaluations = Path(record["log_path"]) / "evaluations.npz"
+                if not evaluations.is_file():
+                    raise FileNotFoundError(
+                        f"{path} records a finished run in {record['log_path']}, which has no evaluations.npz (moved or "
+                        "deleted?): restore the folder, or delete the record to run it again"
+                    )
+                data = np.load(evaluations)
                 record.update(
                     timesteps=data["timesteps"].tolist(),
                     mean=data["results"].mean(1).tolist(),
@@ -337,6 +351,12 @@ def run_grid(todo: list[tuple[str, str, int]], args: argparse.Namespace) -> None
         if code != 0 or not found:
             return  # not recorded: the next invocation resumes it from its checkpoint, or runs it again
         algo, env_id, seed = keys[job.name]
+        from rl_zoo3.utils import EnvironmentName
+
+        trained = saved_timesteps(Path(found[-1]) / f"{EnvironmentName(env_id)}.zip")  # the zoo's name for its final save
+        if trained is None or trained < args.n_timesteps:  # the zoo saves and exits 0 when interrupted
+            print(f"{job.name}: stopped at {trained} of {args.n_timesteps} env steps, not recorded; a rerun resumes it", flush=True)
+            return
         earlier = resumes[job.name][1] if resumes[job.name] is not None else 0.0
         record = dict(algo=algo, env=env_id, seed=seed, log_path=found[-1], wall_clock_s=earlier + seconds,
                       n_timesteps=args.n_timesteps, eval_freq=args.eval_freq, eval_episodes=args.eval_episodes)  # fmt: skip

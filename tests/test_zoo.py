@@ -277,3 +277,54 @@ def test_report_marks_runs_not_finished(tmp_path):
     assert "not finished" in table
     assert (bench / "evaluations.csv").read_text().splitlines()[-1] == "dreamer,CartPole-v1,2,1000,480.000,0.000,0"
     assert not list((bench / "runs").glob("*seed1.json"))  # a report starts and records nothing
+
+
+def test_a_run_that_exits_before_its_budget_is_not_recorded(tmp_path, monkeypatch, capsys):
+    """The zoo saves the model and exits 0 when training is interrupted: only a full budget counts."""
+    from sb3_dreamer import zoo_benchmark
+
+    def fake_train(algo, env_id, seed, args, resume=None):
+        folder = tmp_path / "logs" / "ppo" / "CartPole-v1_1"
+        script = (f"import json, os, zipfile; os.makedirs({str(folder)!r}, exist_ok=True); print('Log path: {folder}'); "
+                  f"zipfile.ZipFile({str(folder / 'CartPole-v1.zip')!r}, 'w').writestr('data', json.dumps({{'num_timesteps': {steps}}}))")  # fmt: skip
+        return [sys.executable, "-c", script]
+
+    bench = ["--algos", "ppo", "--envs", "CartPole-v1", "--seeds", "0", "--n-timesteps", "200", "--out", str(tmp_path / "bench")]
+    monkeypatch.setattr(zoo_benchmark, "train_command", fake_train)
+    steps = 120
+    with pytest.raises(SystemExit, match="No evaluations yet"):
+        zoo_benchmark.main(bench)
+    assert "ppo_CartPole-v1_seed0: stopped at 120 of 200 env steps, not recorded" in capsys.readouterr().out
+    assert not (tmp_path / "bench" / "runs" / "ppo_CartPole-v1_seed0.json").exists()
+    steps = 200
+    with pytest.raises(FileNotFoundError, match="no evaluations.npz"):  # recorded, but this fake run evaluated nothing
+        zoo_benchmark.main(bench)
+    assert json.loads((tmp_path / "bench" / "runs" / "ppo_CartPole-v1_seed0.json").read_text())["seed"] == 0
+
+
+def test_stopping_the_launcher_stops_its_jobs(tmp_path):
+    """SIGTERM to the benchmark terminates its runs, which would otherwise train on unseen and race a rerun."""
+    import signal
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    parent = (f"import sys; from pathlib import Path; from sb3_dreamer.launcher import Job, run_jobs; "
+              f"run_jobs([Job('sleeper', [sys.executable, '-c', {child!r}], Path({str(tmp_path / 'sleeper.log')!r}))])")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", parent])
+    for _ in range(300):
+        if pid_file.exists() and pid_file.read_text():
+            break
+        time.sleep(0.1)
+    child_pid = int(pid_file.read_text())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    for _ in range(100):
+        try:
+            os.kill(child_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child_pid, signal.SIGKILL)
+        pytest.fail("the job outlived the launcher")
