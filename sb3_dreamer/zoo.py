@@ -135,7 +135,10 @@ def _experiment_manager(checkpoint_every: int | None = None, resume: str | None 
                 self.trained_agent = str(checkpoint / "model.zip")  # the zoo's continue-training path
                 self.continue_training = True
                 zoo_resume.keep_earlier_monitor_logs(resume, self.resumed_from["num_timesteps"])
-                print(f"Resuming {resume} from {checkpoint.name}")
+                # Seeded anew, so the random streams (env resets, exploration, replay) do not replay the run's start.
+                seed = self.seed + int(self.resumed_from["num_timesteps"])
+                print(f"Resuming {resume} from {checkpoint.name}, seeded with {self.seed} + {seed - self.seed}")
+                self.seed = seed
             elif not getattr(self.args, "uuid", False):
                 self.save_path = claim_run_folder(self.log_path, self.env_name)
             self.params_path = f"{self.save_path}/{self.env_name}"

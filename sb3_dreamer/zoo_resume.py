@@ -12,7 +12,9 @@ ignored. Older checkpoints are deleted once a newer one is complete, so a stop a
 one complete checkpoint. Resuming keeps ``evaluations.npz`` up to the checkpoint's step, keeps the
 earlier training-episode log beside the new one (``*.monitor.csv``, as SB3's ``load_results``
 reads them), and continues ``num_timesteps`` to the run's budget. It is not bit-identical to an
-uninterrupted run: the env is reset and the random generators are seeded again.
+uninterrupted run: the env is reset, and the random generators are seeded with the run's seed plus
+the checkpoint's env steps (so they do not replay the streams of the run's start), which keeps a
+resumed run reproducible.
 """
 
 from __future__ import annotations

@@ -179,7 +179,7 @@ def test_a_run_resumes_from_its_checkpoint_in_its_own_folder(tmp_path):
     episodes = len(load_results(str(run)))
 
     out = zoo("train", *common, "-n", "500", "--resume", str(run), *params, cwd=tmp_path)
-    assert f"Resuming {run} from checkpoint_300" in out
+    assert f"Resuming {run} from checkpoint_300, seeded with 0 + 300" in out
     assert sorted(p.name for p in (tmp_path / "logs" / "dreamer").iterdir()) == ["CartPole-v1_1"]  # no new folder
     assert list(np.load(run / "evaluations.npz")["timesteps"]) == [100, 200, 300, 400, 500]
     assert Dreamer.load(run / "CartPole-v1.zip").num_timesteps == 500
