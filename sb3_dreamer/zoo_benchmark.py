@@ -300,7 +300,8 @@ def results_table(runs: list[dict]) -> str:
 
 
 def plot_curves(runs: list[dict], path: Path) -> None:
-    """Mean evaluation return against env steps with a 95% bootstrap band over seeds, one axis per env."""
+    """Mean evaluation return against env steps with a 95% bootstrap band over seeds (up to the
+    shortest run's last evaluation), and each seed's whole curve thin, one axis per env."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -320,8 +321,10 @@ def plot_curves(runs: list[dict], path: Path) -> None:
             boot = returns[rng.integers(0, len(group), size=(2000, len(group)))].mean(1)  # [2000, K]
             unfinished = sum(not r["finished"] for r in group)
             label = f"{algo} ({len(group)} seeds{f', {unfinished} not finished' if unfinished else ''})"
-            ax.plot(steps, returns.mean(0), label=label)
-            ax.fill_between(steps, np.percentile(boot, 2.5, 0), np.percentile(boot, 97.5, 0), alpha=0.25)
+            (line,) = ax.plot(steps, returns.mean(0), label=label)
+            ax.fill_between(steps, np.percentile(boot, 2.5, 0), np.percentile(boot, 97.5, 0), alpha=0.25, color=line.get_color())
+            for r in group:  # each seed thin, whole: the mean stops at the shortest run
+                ax.plot(r["timesteps"], r["mean"], color=line.get_color(), alpha=0.35, linewidth=0.8)
         if env_id in THRESHOLDS:
             ax.axhline(THRESHOLDS[env_id], color="gray", linestyle="--", linewidth=1)
         ax.set_title(env_id)
