@@ -154,14 +154,18 @@ def saved_timesteps(model_zip: Path) -> int | None:
         return int(json.loads(archive.read("data"))["num_timesteps"])
 
 
+def checkpointed_seconds(run_folder: str) -> float | None:
+    """Wall-clock seconds a run had trained at its latest complete checkpoint (None: no checkpoint)."""
+    checkpoint = zoo_resume.latest_checkpoint(run_folder)
+    return None if checkpoint is None else float(zoo_resume.read_progress(checkpoint)["wall_clock_s"])
+
+
 def resume_point(log: Path) -> tuple[str, float] | None:
     """(run folder, wall-clock seconds trained so far) of an unfinished run whose last attempt left
     a complete checkpoint; None to start it afresh."""
     folders = log_paths(log)
-    checkpoint = zoo_resume.latest_checkpoint(folders[-1]) if folders else None
-    if checkpoint is None:
-        return None
-    return folders[-1], float(zoo_resume.read_progress(checkpoint)["wall_clock_s"])
+    seconds = checkpointed_seconds(folders[-1]) if folders else None
+    return None if seconds is None else (folders[-1], seconds)
 
 
 def check_distinct_log_paths(runs: list[dict]) -> None:
@@ -195,9 +199,8 @@ def load_runs(out: Path, algos: list[str], envs: list[str], seeds: list[int]) ->
                     folders = log_paths(out / "runs" / f"{name}.log")
                     if not folders or not (Path(folders[-1]) / "evaluations.npz").is_file():
                         continue
-                    checkpoint = zoo_resume.latest_checkpoint(folders[-1])
-                    wall_clock = None if checkpoint is None else zoo_resume.read_progress(checkpoint)["wall_clock_s"]
-                    record = dict(algo=algo, env=env_id, seed=seed, log_path=folders[-1], wall_clock_s=wall_clock, finished=False)
+                    record = dict(algo=algo, env=env_id, seed=seed, log_path=folders[-1],
+                                  wall_clock_s=checkpointed_seconds(folders[-1]), finished=False)  # fmt: skip
                 evaluations = Path(record["log_path"]) / "evaluations.npz"
                 if not evaluations.is_file():
                     raise FileNotFoundError(
@@ -339,6 +342,8 @@ def plot_curves(runs: list[dict], path: Path) -> None:
 def run_grid(todo: list[tuple[str, str, int]], args: argparse.Namespace) -> None:
     """Run the (algo, env, seed) runs of ``todo``, each resumed from its checkpoint when an earlier
     attempt left one, and write the record of each as soon as it finishes."""
+    from rl_zoo3.utils import EnvironmentName
+
     keys = {run_name(*key): key for key in todo}
     logs = {name: args.out / "runs" / f"{name}.log" for name in keys}
     resumes = {name: resume_point(log) for name, log in logs.items()}
@@ -354,8 +359,6 @@ def run_grid(todo: list[tuple[str, str, int]], args: argparse.Namespace) -> None
         if code != 0 or not found:
             return  # not recorded: the next invocation resumes it from its checkpoint, or runs it again
         algo, env_id, seed = keys[job.name]
-        from rl_zoo3.utils import EnvironmentName
-
         trained = saved_timesteps(Path(found[-1]) / f"{EnvironmentName(env_id)}.zip")  # the zoo's name for its final save
         if trained is None or trained < args.n_timesteps:  # the zoo saves and exits 0 when interrupted
             print(f"{job.name}: stopped at {trained} of {args.n_timesteps} env steps, not recorded; a rerun resumes it", flush=True)
