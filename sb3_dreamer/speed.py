@@ -70,6 +70,7 @@ def measure(
     compile_steps: bool | None = None,
     compile_losses: bool = False,
     parallel_backward: bool | None = None,
+    retain_cpu_memory: bool | None = None,
     updates: int = 30,
     warmup: int = 5,
     acting_steps: int = 500,
@@ -82,7 +83,8 @@ def measure(
     kwargs = dict(
         batch_size=batch_size, sequence_length=sequence_length, imagination_starts=imagination_starts,
         precision=precision, cuda_graph=cuda_graph, compile_steps=compile_steps, compile_losses=compile_losses,
-        parallel_backward=parallel_backward, policy_kwargs=dict(size=size), device=device, seed=seed,
+        parallel_backward=parallel_backward, retain_cpu_memory=retain_cpu_memory, policy_kwargs=dict(size=size),
+        device=device, seed=seed,
     )  # fmt: skip
     model = Dreamer("MlpLatentPolicy", env_id, **kwargs)
     dev = model.device
@@ -130,6 +132,7 @@ def measure(
         "compile_steps": bool(model.compile_steps or (model.compile_steps is None and model.uses_cuda_graph)),
         "compile_losses": model.compile_losses,
         "parallel_backward": model.uses_parallel_backward,
+        "retain_cpu_memory": model.uses_retained_cpu_memory,
         "warmup_s": warmup_seconds,
         "batch": f"B{batch_size} x T{sequence_length}, H{model.imagination_horizon}, "
         f"{imagination_starts or batch_size * sequence_length} imagination starts",
@@ -215,6 +218,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile-steps", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--compile-losses", default="off", choices=["on", "off"])
     parser.add_argument("--parallel-backward", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument(
+        "--retain-cpu-memory", default="auto", choices=["auto", "on", "off"],
+        help="glibc's malloc keeps freed memory for the next update (process-wide, so not a --compare path: "
+        "time on and off in alternating processes)",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--updates", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
@@ -238,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
             paths, options = PARALLEL_PATHS, dict(shape, **compiled)
         else:
             paths, options = COMPARED_PATHS, dict(shape, parallel_backward=on_off[args.parallel_backward])
+        options["retain_cpu_memory"] = on_off[args.retain_cpu_memory]
         results = compare(
             env_id=args.env, device=args.device, updates=args.updates, imagination_starts=args.imagination_starts or None,
             precision=args.precision, paths=paths, **options,
@@ -266,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
         compile_steps=on_off[args.compile_steps],
         compile_losses=args.compile_losses == "on",
         parallel_backward=on_off[args.parallel_backward],
+        retain_cpu_memory=on_off[args.retain_cpu_memory],
         updates=args.updates,
         warmup=args.warmup,
         acting_steps=args.acting_steps,
@@ -278,7 +288,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"device {record['device']}, torch {record['torch']}, {record['precision']}, "
         f"cuda_graph={record['cuda_graph']}, compile_steps={record['compile_steps']}, "
-        f"compile_losses={record['compile_losses']}, parallel_backward={record['parallel_backward']}"
+        f"compile_losses={record['compile_losses']}, parallel_backward={record['parallel_backward']}, "
+        f"retain_cpu_memory={record['retain_cpu_memory']}"
     )
     print(
         f"update: {record['ms_per_update_median']:.1f} ms median (p10 {record['ms_per_update_p10']:.1f}, "
