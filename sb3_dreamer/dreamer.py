@@ -326,11 +326,12 @@ class Dreamer(BaseAlgorithm):
 
     @property
     def uses_retained_cpu_memory(self) -> bool:
-        """Whether this model sets glibc's malloc to keep freed memory (``retain_cpu_memory``):
-        True, or None on a CPU device with glibc where the environment does not tune malloc itself."""
-        if self.retain_cpu_memory is not None:
-            return self.retain_cpu_memory
-        return self.device.type == "cpu" and glibc_available() and not user_tuned_malloc()
+        """Whether this model sets glibc's malloc to keep freed memory (``retain_cpu_memory``), on
+        glibc only: True, or None on a CPU device where the environment does not tune malloc itself.
+        (A model saved with True still loads where there is no glibc: there it leaves malloc alone.)"""
+        if self.retain_cpu_memory is False or not glibc_available():
+            return False
+        return bool(self.retain_cpu_memory) or (self.device.type == "cpu" and not user_tuned_malloc())
 
     @property
     def autocast_dtype(self) -> th.dtype | None:

@@ -66,3 +66,17 @@ def test_retain_cpu_memory_without_glibc_is_refused(monkeypatch):
     with pytest.raises(ValueError, match="retain_cpu_memory=True sets glibc's malloc"):
         make_model(retain_cpu_memory=True)
     assert not make_model().uses_retained_cpu_memory  # the default: simply off
+
+
+def test_model_saved_with_retain_cpu_memory_loads_without_glibc(tmp_path, monkeypatch):
+    """As a model saved with ``cuda_graph=True`` loads on a CPU: where there is no glibc it loads,
+    predicts and learns, and leaves malloc alone."""
+    path = tmp_path / "dreamer.zip"
+    model = make_model(retain_cpu_memory=allocator.glibc_available())
+    model.save(path)
+    monkeypatch.setattr(dreamer_module, "glibc_available", lambda: False)
+    monkeypatch.setattr(dreamer_module, "retain_freed_memory", lambda *args: pytest.fail("malloc set without glibc"))
+    loaded = type(model).load(path, env=model.get_env())
+    assert loaded.retain_cpu_memory is allocator.glibc_available() and not loaded.uses_retained_cpu_memory
+    loaded.predict(model.get_env().reset(), deterministic=True)
+    loaded.learn(60)
