@@ -7,7 +7,9 @@ Every run is ``python -m sb3_dreamer.zoo train`` with the algorithm's own zoo hy
 (ours for Dreamer) and the same budget (``-n``), evaluation frequency and episodes
 (deterministic, one eval env), so the curves are comparable. Runs log to the zoo's
 ``<log-folder>/<algo>/<Env>_<N>/``, so ``rl_zoo3.plots.all_plots`` works on them too. A finished
-run leaves ``<out>/runs/<algo>_<env>_seed<S>.json``; a rerun skips it. A run takes a checkpoint
+run leaves ``<out>/runs/<algo>_<env>_seed<S>.json`` with its protocol; a rerun skips it, and
+refuses it if recorded under another protocol (budget, evaluation frequency or episodes, Dreamer's
+``--params``), so one table never mixes two. A run takes a checkpoint
 after every evaluation (``--checkpoint-every``), and a rerun continues a stopped run from its latest
 checkpoint in its own folder (:mod:`sb3_dreamer.zoo_resume`), its wall-clock summed over attempts.
 While runs train, a line per running run gives its latest evaluation every ``--status-every`` seconds.
@@ -123,6 +125,20 @@ def train_command(algo: str, env_id: str, seed: int, args: argparse.Namespace, r
     ]  # fmt: skip
 
 
+def protocol(algo: str, args: argparse.Namespace) -> dict:
+    """What a run's record must share with a rerun that skips or continues it: budget, evaluation
+    frequency and episodes, and (Dreamer only; the baselines keep the zoo's own) ``--params``."""
+    params = sorted(args.params) if algo == "dreamer" and args.params else None
+    return dict(n_timesteps=args.n_timesteps, eval_freq=args.eval_freq, eval_episodes=args.eval_episodes, params=params)
+
+
+def protocol_mismatches(record: dict, args: argparse.Namespace) -> list[str]:
+    """How a finished run's record differs from this invocation's :func:`protocol` (a record
+    written before a field was recorded is not compared on it)."""
+    wanted = protocol(record["algo"], args)
+    return [f"{key} {record[key]} (here {value})" for key, value in wanted.items() if key in record and record[key] != value]
+
+
 def log_paths(log: Path) -> list[str]:
     """The zoo run folders a run's log names (``Log path: ...``), oldest attempt first."""
     if not log.is_file():
@@ -178,6 +194,25 @@ def check_distinct_log_paths(runs: list[dict]) -> None:
         raise ValueError(
             f"Runs that share a zoo log folder (each overwrote the other's evaluations.npz): {shared}. Delete their "
             "records in <out>/runs/ and run the benchmark again (sb3_dreamer.zoo train now claims distinct folders)"
+        )
+
+
+def check_protocol(done: list[tuple[str, str, int]], args: argparse.Namespace) -> None:
+    """SystemExit when finished runs of the grid were recorded under another protocol (budget,
+    evaluation frequency or episodes, Dreamer's ``--params``): skipping them would put runs of two
+    protocols in one table. (A stopped run has no record; continue it with the protocol it began with.)"""
+    differing = {}
+    for key in done:
+        name = run_name(*key)
+        mismatches = protocol_mismatches(json.loads((args.out / "runs" / f"{name}.json").read_text()), args)
+        if mismatches:
+            differing[name] = ", ".join(mismatches)
+    if differing:
+        lines = "\n".join(f"  {name}: {text}" for name, text in differing.items())
+        raise SystemExit(
+            f"Finished runs in {args.out} were recorded with another protocol than this command's:\n{lines}\n"
+            f"Pass the same --n-timesteps, --eval-freq, --eval-episodes and --params, give this protocol its own --out, "
+            f"or delete those records ({args.out / 'runs'}/<run>.json) to run them again."
         )
 
 
@@ -365,7 +400,7 @@ def run_grid(todo: list[tuple[str, str, int]], args: argparse.Namespace) -> None
             return
         earlier = resumes[job.name][1] if resumes[job.name] is not None else 0.0
         record = dict(algo=algo, env=env_id, seed=seed, log_path=found[-1], wall_clock_s=earlier + seconds,
-                      n_timesteps=args.n_timesteps, eval_freq=args.eval_freq, eval_episodes=args.eval_episodes)  # fmt: skip
+                      **protocol(algo, args))  # fmt: skip
         (args.out / "runs" / f"{job.name}.json").write_text(json.dumps(record, indent=1))
 
     run_jobs(jobs, args.jobs, status=progress_line, status_every=args.status_every, on_done=record)
@@ -402,6 +437,7 @@ def main(argv: list[str] | None = None) -> None:
     grid = [(a, e, s) for a, e in pairs if reasons[a, e] is None for s in args.seeds]
     todo = [(a, e, s) for a, e, s in grid if not (args.out / "runs" / f"{run_name(a, e, s)}.json").exists()]
     if not args.report_only:
+        check_protocol([key for key in grid if key not in todo], args)
         print(f"{len(todo)} run(s) to do, {len(grid) - len(todo)} already done in {args.out}", flush=True)
         run_grid(todo, args)
 

@@ -114,8 +114,18 @@ def test_grid_benchmark_writes_csv_table_and_png(tmp_path):
     assert (bench / "curves.png").stat().st_size > 10_000
     assert "skipped sac on CartPole-v1: The algorithm only supports" in out and "| sac |" not in table  # SAC has no Discrete entry
     again = zoo("benchmark", "--algos", "dreamer", "ppo", "--envs", "CartPole-v1", "--seeds", "0", "--n-timesteps", "200",
-                "--eval-freq", "100", "--eval-episodes", "2", "--out", "bench", cwd=tmp_path)  # fmt: skip
+                "--eval-freq", "100", "--eval-episodes", "2", "--out", "bench",
+                "--params", "learning_starts:80", "train_ratio:16", TINY, cwd=tmp_path)  # fmt: skip
     assert "0 run(s) to do, 2 already done" in again and "started" not in again and "started" in out
+    # Finished runs of another protocol are not skipped into this one's table: refused, with the fix.
+    other = subprocess.run(
+        [sys.executable, "-m", "sb3_dreamer.zoo", "benchmark", "--algos", "dreamer", "ppo", "--envs", "CartPole-v1",
+         "--seeds", "0", "--n-timesteps", "300", "--eval-freq", "100", "--eval-episodes", "2", "--out", "bench"],
+        cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert other.returncode != 0 and "recorded with another protocol" in other.stderr
+    assert "dreamer_CartPole-v1_seed0: n_timesteps 200 (here 300), params" in other.stderr
+    assert "ppo_CartPole-v1_seed0: n_timesteps 200 (here 300)\n" in other.stderr  # the baselines keep the zoo's own
     # A run stopped before its budget (here: its record removed, the budget raised) goes on from its checkpoint.
     record = json.loads((bench / "runs" / "dreamer_CartPole-v1_seed0.json").read_text())
     (bench / "runs" / "dreamer_CartPole-v1_seed0.json").unlink()
