@@ -125,6 +125,13 @@ def _experiment_manager(checkpoint_every: int | None = None, resume: str | None 
                     raise ValueError(f"--resume {resume}: not a zoo run folder of {self.env_name} (no {self.env_name}/ config in it)")
                 if Path(resume).resolve().parent.name != self.algo:
                     raise ValueError(f"--resume {resume}: a run folder of {Path(resume).resolve().parent.name}, not of --algo {self.algo}")
+                started = zoo_resume.read_run_args(resume, self.env_name)
+                mismatches = zoo_resume.resume_mismatches(started or {}, vars(self.args))
+                if mismatches:
+                    raise ValueError(
+                        f"--resume {resume}: the run began with other arguments than this command's: {'; '.join(mismatches)}. "
+                        f"Resume it with the arguments it began with (its {self.env_name}/args.yml), or start a new run"
+                    )
                 checkpoint = zoo_resume.latest_checkpoint(resume)
                 if checkpoint is None:
                     raise ValueError(

@@ -31,11 +31,38 @@ from stable_baselines3.common.callbacks import BaseCallback, EvalCallback
 
 PROGRESS = "progress.json"
 
+# The zoo arguments a resumed attempt must share with the run's first: its evaluations (and so its
+# curve and checkpoints), its seed, and the hyperparameter overrides (``-params``), which the zoo
+# would otherwise apply to the loaded model. The budget (-n) may be raised.
+RESUMED_ARGS = ("seed", "eval_freq", "eval_episodes", "n_eval_envs", "hyperparams")
+
 
 def latest_checkpoint(run_folder: str | Path) -> Path | None:
     """The complete ``checkpoint_<steps>`` folder of ``run_folder`` with the most env steps (None if none)."""
     complete = [p for p in Path(run_folder).glob("checkpoint_*") if (p / PROGRESS).is_file()]
     return max(complete, key=lambda p: read_progress(p)["num_timesteps"], default=None)
+
+
+def read_run_args(run_folder: str | Path, env_name: str) -> dict[str, Any] | None:
+    """The zoo arguments a run was started with (its ``<Env>/args.yml``, which the zoo writes as a
+    Python OrderedDict, as its own ``enjoy`` reads it); None if the file is missing."""
+    path = Path(run_folder) / env_name / "args.yml"
+    if not path.is_file():
+        return None
+    import yaml
+
+    with open(path) as f:
+        return dict(yaml.load(f, Loader=yaml.UnsafeLoader))
+
+
+def resume_mismatches(started: dict[str, Any], resumed: dict[str, Any]) -> list[str]:
+    """Which of :data:`RESUMED_ARGS` differ between the arguments a run ``started`` with and those
+    of the attempt that would resume it (``{name: value}``; one missing from ``started`` is not compared)."""
+    return [
+        f"{name} {started[name]!r} (this command: {resumed.get(name)!r})"
+        for name in RESUMED_ARGS
+        if name in started and started[name] != resumed.get(name)
+    ]
 
 
 def read_progress(checkpoint: str | Path) -> dict[str, Any]:

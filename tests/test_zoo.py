@@ -173,7 +173,7 @@ def test_benchmark_refuses_runs_that_share_a_log_folder():
 def test_a_run_resumes_from_its_checkpoint_in_its_own_folder(tmp_path):
     from stable_baselines3.common.monitor import load_results
 
-    from sb3_dreamer.zoo_resume import read_progress
+    from sb3_dreamer.zoo_resume import read_progress, read_run_args, resume_mismatches
 
     common = ["--algo", "dreamer", "--env", "CartPole-v1", "--eval-freq", "100", "--eval-episodes", "2", "--n-eval-envs", "1",
               "--seed", "0", "--device", "cpu", "-f", "logs", "--checkpoint-every", "1"]  # fmt: skip
@@ -187,6 +187,19 @@ def test_a_run_resumes_from_its_checkpoint_in_its_own_folder(tmp_path):
     first_buffer.load_replay_buffer(run / "checkpoint_300" / "replay_buffer.pkl", truncate_last_traj=False)
     first = first_buffer.replay_buffer
     episodes = len(load_results(str(run)))
+
+    # A resumed attempt keeps the run's evaluations, seed and -params (the budget may grow): refused otherwise.
+    started = read_run_args(run, "CartPole-v1")
+    assert started is not None and started["eval_freq"] == 100 and started["hyperparams"]["train_ratio"] == 16
+    assert resume_mismatches(started, dict(started, n_timesteps=500)) == []
+    assert resume_mismatches(started, dict(started, eval_freq=50)) == ["eval_freq 100 (this command: 50)"]
+    other = [*common[: common.index("--eval-freq")], "--eval-freq", "50", *common[common.index("--eval-freq") + 2 :]]
+    refused = subprocess.run(
+        [sys.executable, "-m", "sb3_dreamer.zoo", "train", *other, "-n", "500", "--resume", str(run), *params],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    assert refused.returncode != 0 and "the run began with other arguments than this command's: eval_freq 100" in refused.stderr
+    assert sorted(p.name for p in run.glob("checkpoint_*")) == ["checkpoint_300"]  # untouched
 
     out = zoo("train", *common, "-n", "500", "--resume", str(run), *params, cwd=tmp_path)
     assert f"Resuming {run} from checkpoint_300, seeded with 0 + 300" in out
