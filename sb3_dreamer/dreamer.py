@@ -14,6 +14,7 @@ import os
 import pathlib
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, TypeVar
 
@@ -42,6 +43,11 @@ from sb3_dreamer.policies import (
 from sb3_dreamer.type_aliases import ActorLosses, LatentState, SequenceSamples
 
 SelfDreamer = TypeVar("SelfDreamer", bound="Dreamer")
+
+
+# Eager CPU updates in one learn() from which Dreamer suggests compiling (1-3 minutes of compilation
+# pay off after 1,000-2,000 updates; see the README's Speed section).
+EAGER_CPU_UPDATES_WARNING = 2_000
 
 
 def available_cores() -> int:
@@ -409,6 +415,7 @@ class Dreamer(BaseAlgorithm):
     ) -> SelfDreamer:
         """Train for ``total_timesteps`` env steps; logs every ``log_interval`` episodes (None: never)."""
         total_timesteps, callback = self._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
+        self._warn_if_eager_on_cpu(total_timesteps - self.num_timesteps)
         callback.on_training_start(locals(), globals())
         assert self.env is not None, "You must set the environment before calling learn()"
         while self.num_timesteps < total_timesteps:
@@ -422,6 +429,25 @@ class Dreamer(BaseAlgorithm):
                     self.train(gradient_steps)
         callback.on_training_end()
         return self
+
+    def _warn_if_eager_on_cpu(self, env_steps: int) -> None:
+        """UserWarning (as SB3 warns about PPO on a GPU) when a ``learn`` of ``env_steps`` more env
+        steps will run at least :data:`EAGER_CPU_UPDATES_WARNING` updates eagerly on a CPU with
+        ``compile_steps`` left at None; an explicit ``compile_steps=False`` silences it."""
+        if self.device.type != "cpu" or self.compile_steps is not None:
+            return
+        learning_steps = max(env_steps - max(self.learning_starts - self.num_timesteps, 0), 0)
+        updates = int(learning_steps * self.updates_per_step)
+        if updates >= EAGER_CPU_UPDATES_WARNING:
+            warnings.warn(
+                f"Dreamer will run this learn()'s ~{updates} gradient updates eagerly on the CPU. For a run this long, "
+                "compile_steps=True, compile_losses=True make each update about 0.55-0.75x as long (measured on a 2-core "
+                "CPU), after 1-3 minutes of compilation the first time (torch.compile, which needs a C++ compiler; cached "
+                "on disk after). See the README's Speed section. Pass compile_steps=False to keep eager updates without "
+                "this warning.",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def collect_rollouts(self, env: VecEnv, callback: BaseCallback, log_interval: int | None = None) -> bool:
         """One step of every env, acting with the carried latent; stores the rows. Returns False to stop."""

@@ -221,3 +221,25 @@ def test_parallel_backward_is_cpu_only():
     with pytest.raises(ValueError, match="parallel_backward=True runs"):
         Dreamer("MlpLatentPolicy", "CartPole-v1", device="cuda", parallel_backward=True)
     assert not Dreamer("MlpLatentPolicy", "CartPole-v1", device="cuda").uses_parallel_backward
+
+
+def test_a_long_eager_learn_on_cpu_suggests_compiling():
+    """As SB3 warns about PPO on a GPU: a learn() of at least 2,000 eager CPU updates with
+    compile_steps left at None warns, naming the options; a short one, or compile_steps=False, does not."""
+    import warnings
+
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class StopAtOnce(BaseCallback):
+        def _on_step(self) -> bool:
+            return False
+
+    from tests.helpers import make_model
+
+    model = make_model(device="cpu")  # 4 / (2 x 8) = 0.25 updates per env step after learning_starts
+    with pytest.warns(UserWarning, match=r"~2000 gradient updates eagerly on the CPU.*compile_steps=True, compile_losses=True"):
+        model.learn(model.learning_starts + 8_000, callback=StopAtOnce())
+    for options, steps in ((dict(), model.learning_starts + 7_996), (dict(compile_steps=False), 100_000)):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*eagerly on the CPU")
+            make_model(device="cpu", **options).learn(steps, callback=StopAtOnce())
