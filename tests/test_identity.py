@@ -69,12 +69,9 @@ class BoxObservation(gym.ObservationWrapper):
     ],
     ids=["Discrete", "MultiDiscrete", "MultiBinary", "Box"],
 )
+@pytest.mark.filterwarnings("ignore:Dreamer will run this learn:UserWarning")  # the suggestion to compile long CPU runs
 def test_identity(make_env, steps, threshold):
-    # compile_steps=False: eager, as the CPU default runs these (on a CUDA device too), and without
-    # learn()'s suggestion to compile long CPU runs in the test output.
-    model = Dreamer(
-        "MlpLatentPolicy", BoxObservation(make_env()), policy_kwargs=POLICY_KWARGS, seed=0, compile_steps=False, **KWARGS
-    )
+    model = Dreamer("MlpLatentPolicy", BoxObservation(make_env()), policy_kwargs=POLICY_KWARGS, seed=0, **KWARGS)
     model.learn(steps)
     mean, _ = evaluate_policy(model, Monitor(BoxObservation(make_env())), n_eval_episodes=10, deterministic=True)
     assert mean >= threshold, f"identity task not learned: mean return {mean} < {threshold}"
