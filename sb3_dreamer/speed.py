@@ -26,6 +26,13 @@ On a CUDA device every path also replays the CUDA graph (the default there), so 
 
     python -m sb3_dreamer.speed --compare --threads 1
 
+``--profile N`` instead runs ``torch.profiler`` over N updates (after the warm-up) and prints the
+operators with the most self time, grouped by input shapes (on CUDA by device time, kernels
+included; with ``--cuda-graph off`` to see the kernels one by one); ``--trace PATH`` also writes a
+Chrome trace:
+
+    python -m sb3_dreamer.speed --profile 5 --threads 1 --compile-steps on --compile-losses on
+
 ``--compare parallel`` times the world model's backward pass on the calling thread against
 ``parallel_backward`` (on a second thread), with ``--compile-steps`` / ``--compile-losses`` as given:
 
@@ -205,6 +212,40 @@ def compare(
     }
 
 
+def profile_updates(
+    env_id: str = "CartPole-v1",
+    device: str = "cpu",
+    updates: int = 5,
+    warmup: int = 3,
+    row_limit: int = 30,
+    trace: str | None = None,
+    seed: int = 0,
+    **kwargs,
+) -> str:
+    """``torch.profiler`` over ``updates`` gradient updates, after ``warmup`` untimed ones (where any
+    compilation and CUDA graph capture happen): the table of the operators with the most self time
+    (device time on CUDA, where it also lists the kernels), grouped by input shapes. ``trace``: also
+    write a Chrome trace (chrome://tracing, Perfetto). ``kwargs`` go to ``Dreamer``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from sb3_dreamer import Dreamer
+
+    model = Dreamer("MlpLatentPolicy", env_id, device=device, seed=seed, **kwargs)
+    _fill_replay(model)
+    for _ in range(warmup):
+        model.train(1)
+    cuda = model.device.type == "cuda"
+    _sync(model.device)
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])], record_shapes=True) as prof:
+        for _ in range(updates):
+            model.train(1)
+        _sync(model.device)
+    if trace is not None:
+        prof.export_chrome_trace(trace)
+    sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
+    return prof.key_averages(group_by_input_shape=True).table(sort_by=sort_by, row_limit=row_limit)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env", default="CartPole-v1")
@@ -229,6 +270,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--acting-steps", type=int, default=500)
     parser.add_argument("--learn-steps", type=int, default=1000)
     parser.add_argument("--json", action="store_true", help="print the record as JSON")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="instead of timing: torch.profiler over N updates after --warmup ones, the operators "
+                        "(and CUDA kernels) with the most self time")  # fmt: skip
+    parser.add_argument("--trace", default=None, metavar="PATH", help="with --profile: also write a Chrome trace")
     parser.add_argument(
         "--compare", nargs="?", const="compile", choices=["compile", "parallel"],
         help="time paths interleaved: eager against the compiled ones (compile, the default), or the world "
@@ -239,6 +284,19 @@ def main(argv: list[str] | None = None) -> None:
     on_off = {"auto": None, "on": True, "off": False}
     if args.threads:
         th.set_num_threads(args.threads)
+    if args.profile:
+        table = profile_updates(
+            env_id=args.env, device=args.device, updates=args.profile, warmup=args.warmup, trace=args.trace,
+            batch_size=args.batch_size, sequence_length=args.sequence_length,
+            imagination_starts=args.imagination_starts or None, precision=args.precision,
+            cuda_graph=on_off[args.cuda_graph], compile_steps=on_off[args.compile_steps],
+            compile_losses=args.compile_losses == "on", parallel_backward=on_off[args.parallel_backward],
+            retain_cpu_memory=on_off[args.retain_cpu_memory], policy_kwargs=dict(size=args.size),
+        )  # fmt: skip
+        print(f"{args.env}, {args.size}, B{args.batch_size} x T{args.sequence_length}, torch {th.__version__}, "
+              f"{args.device} ({th.get_num_threads()} threads), {args.profile} profiled updates")  # fmt: skip
+        print(table)
+        return
     if args.compare:
         shape = dict(batch_size=args.batch_size, sequence_length=args.sequence_length, policy_kwargs=dict(size=args.size))
         if args.compare == "parallel":

@@ -58,3 +58,15 @@ def test_speed_compare_parallel_backward(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].startswith("one backward thread: ") and "1.000 x one backward thread" in lines[1]
     assert lines[2].startswith("parallel_backward: ") and "x one backward thread" in lines[2]
+
+
+def test_speed_profile_lists_the_operators_and_writes_a_trace(tmp_path, capsys):
+    """``python -m sb3_dreamer.speed --profile N``: the operators with the most self time, and a Chrome trace."""
+    from sb3_dreamer.speed import main as speed_main
+
+    trace = tmp_path / "trace.json"
+    speed_main(["--profile", "2", "--warmup", "1", "--batch-size", "2", "--sequence-length", "8", "--imagination-starts", "0",
+                "--trace", str(trace)])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "2 profiled updates" in out and "Self CPU" in out and "aten::addmm" in out
+    assert json.loads(trace.read_text())["traceEvents"]
