@@ -65,6 +65,15 @@ def _fill_replay(model: Dreamer) -> None:
     model.learn(model.learning_starts)
 
 
+def _warm_up(model: Dreamer, updates: int) -> None:
+    """:func:`_fill_replay`, then ``updates`` untimed updates (where compilation and CUDA graph
+    capture happen), the device synchronised after them."""
+    _fill_replay(model)
+    for _ in range(updates):
+        model.train(1)
+    _sync(model.device)
+
+
 def measure(
     env_id: str = "CartPole-v1",
     size: str = "size400k",
@@ -188,10 +197,7 @@ def compare(
     for name, options in paths.items():
         model = Dreamer("MlpLatentPolicy", env_id, device=device, seed=seed, **options, **kwargs)
         start = time.perf_counter()
-        _fill_replay(model)
-        for _ in range(warmup):
-            model.train(1)
-        _sync(model.device)
+        _warm_up(model, warmup)
         warm[name], models[name] = time.perf_counter() - start, model
     names = list(paths)
     times: dict[str, list[float]] = {name: [] for name in names}
@@ -231,11 +237,8 @@ def profile_updates(
     from sb3_dreamer import Dreamer
 
     model = Dreamer("MlpLatentPolicy", env_id, device=device, seed=seed, **kwargs)
-    _fill_replay(model)
-    for _ in range(warmup):
-        model.train(1)
+    _warm_up(model, warmup)
     cuda = model.device.type == "cuda"
-    _sync(model.device)
     with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])], record_shapes=True) as prof:
         for _ in range(updates):
             model.train(1)
