@@ -11,7 +11,8 @@ run leaves ``<out>/runs/<algo>_<env>_seed<S>.json`` with its protocol; a rerun s
 refuses it if recorded under another protocol (budget, evaluation frequency or episodes, Dreamer's
 ``--params``), so one table never mixes two. A run takes a checkpoint
 after every evaluation (``--checkpoint-every``), and a rerun continues a stopped run from its latest
-checkpoint in its own folder (:mod:`sb3_dreamer.zoo_resume`), its wall-clock summed over attempts.
+checkpoint in its own folder (:mod:`sb3_dreamer.zoo_resume`), its wall-clock summed over attempts;
+a stopped run begun with other evaluation settings or ``--params`` is refused before any run starts.
 While runs train, a line per running run gives its latest evaluation every ``--status-every`` seconds.
 The outputs include runs not finished (still training, or stopped), read at their latest evaluation
 and marked; ``--report-only`` writes them from the runs so far without starting any. Pairs the zoo
@@ -135,8 +136,19 @@ def protocol(algo: str, args: argparse.Namespace) -> dict:
 def protocol_mismatches(record: dict, args: argparse.Namespace) -> list[str]:
     """How a finished run's record differs from this invocation's :func:`protocol` (a record
     written before a field was recorded is not compared on it)."""
-    wanted = protocol(record["algo"], args)
-    return [f"{key} {record[key]} (here {value})" for key, value in wanted.items() if key in record and record[key] != value]
+    return zoo_resume.differences(record, protocol(record["algo"], args), "here")
+
+
+def train_args(algo: str, seed: int, args: argparse.Namespace) -> dict:
+    """The zoo arguments of :data:`zoo_resume.RESUMED_ARGS` that :func:`train_command` gives a run,
+    as the zoo parses them (``-params`` values evaluated by its ``StoreDict``)."""
+    from rl_zoo3.utils import StoreDict
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("-params", dest="hyperparams", nargs="+", action=StoreDict, default=None)
+    params = args.params if algo == "dreamer" and args.params else None
+    hyperparams = parser.parse_args(["-params", *params] if params else []).hyperparams
+    return dict(seed=seed, eval_freq=args.eval_freq, eval_episodes=args.eval_episodes, n_eval_envs=1, hyperparams=hyperparams)
 
 
 def log_paths(log: Path) -> list[str]:
@@ -213,6 +225,29 @@ def check_protocol(done: list[tuple[str, str, int]], args: argparse.Namespace) -
             f"Finished runs in {args.out} were recorded with another protocol than this command's:\n{lines}\n"
             f"Pass the same --n-timesteps, --eval-freq, --eval-episodes and --params, give this protocol its own --out, "
             f"or delete those records ({args.out / 'runs'}/<run>.json) to run them again."
+        )
+
+
+def check_resumable(todo: list[tuple[str, str, int]], args: argparse.Namespace) -> None:
+    """SystemExit when stopped runs of ``todo`` that this command would continue began with other
+    zoo arguments (seed, evaluation frequency or episodes, Dreamer's ``--params``; see
+    :func:`zoo_resume.resume_mismatches`), naming each, before any run starts."""
+    from rl_zoo3.utils import EnvironmentName
+
+    differing = {}
+    for algo, env_id, seed in todo:
+        name = run_name(algo, env_id, seed)
+        point = resume_point(args.out / "runs" / f"{name}.log")
+        started = None if point is None else zoo_resume.read_run_args(point[0], str(EnvironmentName(env_id)))
+        mismatches = zoo_resume.resume_mismatches(started or {}, train_args(algo, seed, args))
+        if mismatches:
+            differing[f"{name} ({point[0]})"] = ", ".join(mismatches)
+    if differing:
+        lines = "\n".join(f"  {name}: {text}" for name, text in differing.items())
+        raise SystemExit(
+            f"Stopped runs this command would continue began with other arguments than this command's:\n{lines}\n"
+            "Pass the --eval-freq, --eval-episodes and --params they began with, or give this protocol its own --out "
+            "(its runs start afresh in new zoo folders)."
         )
 
 
@@ -438,6 +473,7 @@ def main(argv: list[str] | None = None) -> None:
     todo = [(a, e, s) for a, e, s in grid if not (args.out / "runs" / f"{run_name(a, e, s)}.json").exists()]
     if not args.report_only:
         check_protocol([key for key in grid if key not in todo], args)
+        check_resumable(todo, args)
         print(f"{len(todo)} run(s) to do, {len(grid) - len(todo)} already done in {args.out}", flush=True)
         run_grid(todo, args)
 

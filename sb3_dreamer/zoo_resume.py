@@ -24,7 +24,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 from stable_baselines3.common.callbacks import BaseCallback, EvalCallback
@@ -55,14 +55,21 @@ def read_run_args(run_folder: str | Path, env_name: str) -> dict[str, Any] | Non
         return dict(yaml.load(f, Loader=yaml.UnsafeLoader))
 
 
+def differences(recorded: dict[str, Any], wanted: dict[str, Any], label: str, keys: Iterable[str] | None = None) -> list[str]:
+    """``"<key> <recorded> (<label>: <wanted>)"`` for each of ``keys`` (default: those of ``wanted``)
+    whose recorded value differs from the wanted one; a key missing from ``recorded`` (written before
+    it was recorded) is not compared."""
+    return [
+        f"{key} {recorded[key]!r} ({label}: {wanted.get(key)!r})"
+        for key in (wanted if keys is None else keys)
+        if key in recorded and recorded[key] != wanted.get(key)
+    ]
+
+
 def resume_mismatches(started: dict[str, Any], resumed: dict[str, Any]) -> list[str]:
     """Which of :data:`RESUMED_ARGS` differ between the arguments a run ``started`` with and those
     of the attempt that would resume it (``{name: value}``; one missing from ``started`` is not compared)."""
-    return [
-        f"{name} {started[name]!r} (this command: {resumed.get(name)!r})"
-        for name in RESUMED_ARGS
-        if name in started and started[name] != resumed.get(name)
-    ]
+    return differences(started, resumed, "this command", RESUMED_ARGS)
 
 
 def read_progress(checkpoint: str | Path) -> dict[str, Any]:

@@ -124,8 +124,8 @@ def test_grid_benchmark_writes_csv_table_and_png(tmp_path):
         cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert other.returncode != 0 and "recorded with another protocol" in other.stderr
-    assert "dreamer_CartPole-v1_seed0: n_timesteps 200 (here 300), params" in other.stderr
-    assert "ppo_CartPole-v1_seed0: n_timesteps 200 (here 300)\n" in other.stderr  # the baselines keep the zoo's own
+    assert "dreamer_CartPole-v1_seed0: n_timesteps 200 (here: 300), params" in other.stderr
+    assert "ppo_CartPole-v1_seed0: n_timesteps 200 (here: 300)\n" in other.stderr  # the baselines keep the zoo's own
     # A run stopped before its budget (here: its record removed, the budget raised) goes on from its checkpoint.
     record = json.loads((bench / "runs" / "dreamer_CartPole-v1_seed0.json").read_text())
     (bench / "runs" / "dreamer_CartPole-v1_seed0.json").unlink()
@@ -173,7 +173,8 @@ def test_benchmark_refuses_runs_that_share_a_log_folder():
 def test_a_run_resumes_from_its_checkpoint_in_its_own_folder(tmp_path):
     from stable_baselines3.common.monitor import load_results
 
-    from sb3_dreamer.zoo_resume import read_progress, read_run_args, resume_mismatches
+    from sb3_dreamer.zoo_benchmark import train_args
+    from sb3_dreamer.zoo_resume import RESUMED_ARGS, read_progress, read_run_args, resume_mismatches
 
     common = ["--algo", "dreamer", "--env", "CartPole-v1", "--eval-freq", "100", "--eval-episodes", "2", "--n-eval-envs", "1",
               "--seed", "0", "--device", "cpu", "-f", "logs", "--checkpoint-every", "1"]  # fmt: skip
@@ -193,6 +194,9 @@ def test_a_run_resumes_from_its_checkpoint_in_its_own_folder(tmp_path):
     assert started is not None and started["eval_freq"] == 100 and started["hyperparams"]["train_ratio"] == 16
     assert resume_mismatches(started, dict(started, n_timesteps=500)) == []
     assert resume_mismatches(started, dict(started, eval_freq=50)) == ["eval_freq 100 (this command: 50)"]
+    # The benchmark predicts the arguments its train command gives a run as the zoo records them.
+    protocol = argparse.Namespace(eval_freq=100, eval_episodes=2, params=params[1:])
+    assert train_args("dreamer", 0, protocol) == {name: started[name] for name in RESUMED_ARGS}
     other = [*common[: common.index("--eval-freq")], "--eval-freq", "50", *common[common.index("--eval-freq") + 2 :]]
     refused = subprocess.run(
         [sys.executable, "-m", "sb3_dreamer.zoo", "train", *other, "-n", "500", "--resume", str(run), *params],
@@ -243,6 +247,27 @@ def test_resume_needs_a_complete_checkpoint(tmp_path):
         cwd=tmp_path, capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"),
     )  # fmt: skip
     assert proc.returncode != 0 and "no complete checkpoint_<steps>/ in it" in proc.stderr
+
+
+def test_benchmark_refuses_up_front_to_continue_runs_begun_with_other_arguments(tmp_path):
+    from sb3_dreamer.zoo_benchmark import check_resumable
+
+    run = tmp_path / "logs" / "dreamer" / "CartPole-v1_1"
+    (run / "CartPole-v1").mkdir(parents=True)
+    (run / "checkpoint_200").mkdir()
+    (run / "checkpoint_200" / "progress.json").write_text('{"num_timesteps": 200, "wall_clock_s": 12.5}')
+    started = dict(seed=0, eval_freq=100, eval_episodes=2, n_eval_envs=1, hyperparams={"train_ratio": 16}, n_timesteps=300)
+    (run / "CartPole-v1" / "args.yml").write_text(yaml.dump(started))
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "dreamer_CartPole-v1_seed0.log").write_text(f"Log path: {run}\n")
+    todo = [("dreamer", "CartPole-v1", 0), ("dreamer", "CartPole-v1", 1)]  # seed 1 has no run yet: starts afresh
+    same = argparse.Namespace(out=tmp_path, eval_freq=100, eval_episodes=2, params=["train_ratio:16"])
+    check_resumable(todo, same)
+    with pytest.raises(SystemExit, match=r"dreamer_CartPole-v1_seed0 \(.*CartPole-v1_1\): hyperparams \{'train_ratio': 16\} "
+                       r"\(this command: \{'train_ratio': 8\}\)"):  # fmt: skip
+        check_resumable(todo, argparse.Namespace(**dict(vars(same), params=["train_ratio:8"])))
+    with pytest.raises(SystemExit, match="eval_episodes 2 \\(this command: 5\\)"):
+        check_resumable(todo, argparse.Namespace(**dict(vars(same), eval_episodes=5)))
 
 
 def test_restore_evaluations_keeps_those_up_to_the_checkpoint(tmp_path):
