@@ -24,6 +24,9 @@ Time alignment (one row per env step, per env column)::
   row before it, as acting does, instead of from zeros; ``is_first`` is forced only on a window
   that starts at a column's oldest row. Without it, a model trained on T-step windows from zeros
   meets long-running latents only when acting.
+- With a ``VecNormalize`` env (SB3's off-policy convention), rows hold the observations and rewards
+  from before normalisation, and :meth:`sample` normalises them with the env's current statistics
+  (``env=``), so a batch never mixes the statistics of different times.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.preprocessing import get_action_dim, is_image_space
 from stable_baselines3.common.utils import get_device
+from stable_baselines3.common.vec_env import VecNormalize
 
 from sb3_dreamer.type_aliases import SequenceSamples
 
@@ -95,6 +99,31 @@ def map_arrays(values: dict, fn: Callable[[Any], Any]) -> None:
             values[key] = {k: fn(v) for k, v in value.items()}
         elif value is not None:
             values[key] = fn(value)
+
+
+def normalize_observations(obs: th.Tensor | dict[str, th.Tensor], env: VecNormalize | None) -> th.Tensor | dict[str, th.Tensor]:
+    """``VecNormalize.normalize_obs`` on sampled tensors [B, T, ...] (per normalised key of a Dict
+    space), with ``env``'s current statistics; unchanged when ``env`` is None or does not normalise them."""
+    if env is None or not env.norm_obs:
+        return obs
+
+    def normalize(x: th.Tensor, rms: Any) -> th.Tensor:
+        mean = th.as_tensor(rms.mean, dtype=th.float32, device=x.device)
+        std = th.as_tensor(np.sqrt(rms.var + env.epsilon), dtype=th.float32, device=x.device)
+        return ((x.float() - mean) / std).clamp(-env.clip_obs, env.clip_obs)
+
+    if isinstance(obs, dict):
+        keys = env.norm_obs_keys or []
+        return {key: normalize(x, env.obs_rms[key]) if key in keys else x for key, x in obs.items()}  # type: ignore[index]
+    return normalize(obs, env.obs_rms)
+
+
+def normalize_rewards(rewards: th.Tensor, env: VecNormalize | None) -> th.Tensor:
+    """``VecNormalize.normalize_reward`` on sampled rewards [B, T] with ``env``'s current return
+    statistics; unchanged when ``env`` is None or does not normalise rewards."""
+    if env is None or not env.norm_reward:
+        return rewards
+    return (rewards / float(np.sqrt(env.ret_rms.var + env.epsilon))).clamp(-env.clip_reward, env.clip_reward)
 
 
 class SequenceReplayBuffer:
@@ -282,8 +311,12 @@ class SequenceReplayBuffer:
         cols = np.flatnonzero(self.count > 0)
         self._write(self.is_last, (self.pos[cols] - 1) % self.capacity, cols, np.ones(len(cols), dtype=bool))
 
-    def sample(self, batch_size: int, sequence_length: int) -> SequenceSamples:
-        """Uniformly sample ``batch_size`` windows of ``sequence_length`` rows among all valid windows."""
+    def sample(self, batch_size: int, sequence_length: int, env: VecNormalize | None = None) -> SequenceSamples:
+        """Uniformly sample ``batch_size`` windows of ``sequence_length`` rows among all valid windows.
+
+        :param env: the ``VecNormalize`` whose current statistics normalise the stored (original)
+            observations and rewards, as in SB3's ``ReplayBuffer.sample``; None: as stored
+        """
         windows = self.num_windows(sequence_length)
         total = windows.sum()
         if total == 0:
@@ -317,9 +350,9 @@ class SequenceReplayBuffer:
                 context_action=gather(self.actions, before, col) * keep,
             )
         return SequenceSamples(
-            observations=self._sample_observations(r_index, c_index),
+            observations=normalize_observations(self._sample_observations(r_index, c_index), env),
             actions=gather(self.actions),
-            rewards=gather(self.rewards),
+            rewards=normalize_rewards(gather(self.rewards), env),
             is_first=is_first,
             is_last=gather(self.is_last),
             is_terminal=gather(self.is_terminal),

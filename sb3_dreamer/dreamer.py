@@ -26,7 +26,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.save_util import load_from_pkl, save_to_pkl
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
 from stable_baselines3.common.utils import safe_mean
-from stable_baselines3.common.vec_env import VecEnv
+from stable_baselines3.common.vec_env import VecEnv, VecNormalize
 
 from sb3_dreamer.allocator import glibc_available, retain_freed_memory, user_tuned_malloc
 from sb3_dreamer.buffers import SequenceReplayBuffer
@@ -473,6 +473,13 @@ class Dreamer(BaseAlgorithm):
         if not callback.on_step():
             return False
         self._update_info_buffer(infos, dones)
+        normalizer = self._replay_normalizer
+        if normalizer is not None:  # store what the env gave before normalisation, as SB3's off-policy algorithms do
+            assert self._last_original_obs is not None
+            obs, rewards = self._last_original_obs, normalizer.get_original_reward()
+            for i in np.flatnonzero(dones):
+                infos[i] = dict(infos[i], terminal_observation=normalizer.unnormalize_obs(infos[i]["terminal_observation"]))
+            self._last_original_obs = normalizer.get_original_obs()
         self._store_transition(obs, action, starts, rewards, dones, infos, latent)
         self._last_obs, self._last_episode_starts, self._last_latent = new_obs, dones, latent  # type: ignore[assignment]
         self._update_current_progress_remaining(self.num_timesteps, self._total_timesteps)
@@ -483,6 +490,14 @@ class Dreamer(BaseAlgorithm):
                     self.dump_logs()
         callback.on_rollout_end()
         return True
+
+    @property
+    def _replay_normalizer(self) -> VecNormalize | None:
+        """The ``VecNormalize`` whose statistics the replay is normalised with at sample time (its rows
+        hold the observations and rewards from before it): the env itself when it is one. A VecNormalize
+        under another wrapper (a VecFrameStack on top) gives observations of another shape than the
+        agent's, so then the rows hold the normalised ones the agent acted on, and None is returned."""
+        return self.env if isinstance(self.env, VecNormalize) else None
 
     def _store_transition(
         self,
@@ -519,7 +534,7 @@ class Dreamer(BaseAlgorithm):
         self._update_learning_rate(self.policy.optimizer)
         metrics: dict[str, th.Tensor] = {}
         for _ in range(gradient_steps):
-            metrics = self.train_step(self.replay_buffer.sample(self.batch_size, self.sequence_length))
+            metrics = self.train_step(self.replay_buffer.sample(self.batch_size, self.sequence_length, env=self._replay_normalizer))
         self._n_updates += gradient_steps
         values = dict(zip(metrics, th.stack(list(metrics.values())).tolist()))  # one host sync
         for key, value in values.items():

@@ -246,7 +246,7 @@ class DreamCallback(BaseCallback):
         import matplotlib.pyplot as plt
         from stable_baselines3.common.logger import Figure
 
-        data = buffer.sample(self.candidates, self.sequence_length)
+        data = buffer.sample(self.candidates, self.sequence_length, env=self.model._replay_normalizer)  # type: ignore[attr-defined]
         i = within_one_episode(data.is_first.cpu().numpy())
         if i is None:
             warnings.warn(

@@ -9,7 +9,7 @@ import pytest
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.save_util import load_from_pkl, save_to_pkl
-from stable_baselines3.common.vec_env import DummyVecEnv
+from stable_baselines3.common.vec_env import DummyVecEnv, VecFrameStack, VecNormalize
 
 from sb3_dreamer.buffers import SequenceReplayBuffer
 from sb3_dreamer.type_aliases import SequenceSamples
@@ -199,6 +199,33 @@ def test_dreamer_rows_with_two_envs():
             assert rows[flag].tolist() == expected, flag
 
 
+def test_vec_normalize_rows_hold_original_values_normalised_when_sampled():
+    """As SB3's off-policy algorithms: rows store what the env gave before VecNormalize, and a sample
+    is normalised with the statistics of the moment (the agent acts on normalised observations)."""
+    env = VecNormalize(DummyVecEnv([lambda: counting_env(terminate_at=2), lambda: counting_env(max_episode_steps=4)]))
+    model = make_model(env, learning_starts=10_000, buffer_size=1_000, seed=0)
+    model.learn(16)
+    buffer = model.replay_buffer
+    first, second = column(buffer, 0), column(buffer, 1)
+    np.testing.assert_array_equal(first["observations"][:, 0], [0, 1, 2] * 4)  # the final observations too
+    np.testing.assert_array_equal(second["observations"][:, 0], [0, 1, 2, 3, 4] * 2)
+    for rows in (first, second):
+        np.testing.assert_array_equal(rows["rewards"], rows["observations"][:, 0])
+    samples = buffer.sample(batch_size=8, sequence_length=3, env=env)
+    rows, cols = samples.indices
+    stored_obs, stored_rewards = buffer.observations[rows, cols], buffer.rewards[rows, cols]
+    np.testing.assert_allclose(samples.observations.numpy(), env.normalize_obs(stored_obs), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(samples.rewards.numpy(), env.normalize_reward(stored_rewards), rtol=1e-5, atol=1e-6)
+    raw = buffer.sample(batch_size=8, sequence_length=3)
+    np.testing.assert_array_equal(raw.observations.numpy(), buffer.observations[raw.indices])
+    # Under a VecFrameStack the agent's observations have another shape: rows hold those it acted on.
+    stacked = VecFrameStack(VecNormalize(DummyVecEnv([lambda: counting_env(terminate_at=2)])), n_stack=2)
+    model = make_model(stacked, learning_starts=10_000, buffer_size=1_000, seed=0)
+    assert model._replay_normalizer is None
+    model.learn(6)
+    assert not np.isin(column(model.replay_buffer)["observations"][:, 2], [0.0, 1.0, 2.0]).all()  # normalised
+
+
 def test_dreamer_rows_on_cartpole():
     # Random CartPole episodes under a 20-step limit: some terminate, some are truncated.
     vec_env = DummyVecEnv([time_limited("CartPole-v1", 20)])
@@ -255,8 +282,8 @@ def test_replay_buffer_save_load_round_trip(tmp_path, truncate_last_traj):
 def test_saved_replay_buffer_holds_only_the_rows_written(tmp_path):
     """A buffer far from full is saved without its empty capacity (a 1M-row buffer of 64 x 64 frames
     would otherwise write 12 GB for a few rows) and loads back at full capacity."""
-    model = make_model("CartPole-v1", learning_starts=10_000, buffer_size=1_000_000)
-    model.learn(20)
+    model = make_model("CartPole-v1", learning_starts=10_000, buffer_size=1_000_000, seed=0)
+    model.learn(20)  # seeded: an episode ends within them, so there is a final-observation row
     path = tmp_path / "replay.pkl"
     model.save_replay_buffer(path)
     assert path.stat().st_size < 50_000  # 1M empty rows of CartPole would be ~30 MB
