@@ -477,8 +477,10 @@ class Dreamer(BaseAlgorithm):
         if normalizer is not None:  # store what the env gave before normalisation, as SB3's off-policy algorithms do
             assert self._last_original_obs is not None
             obs, rewards = self._last_original_obs, normalizer.get_original_reward()
-            for i in np.flatnonzero(dones):
-                infos[i] = dict(infos[i], terminal_observation=normalizer.unnormalize_obs(infos[i]["terminal_observation"]))
+            infos = [  # new dicts: the callbacks' locals keep the env's
+                dict(info, terminal_observation=normalizer.unnormalize_obs(info["terminal_observation"])) if done else info
+                for info, done in zip(infos, dones)
+            ]
             self._last_original_obs = normalizer.get_original_obs()
         self._store_transition(obs, action, starts, rewards, dones, infos, latent)
         self._last_obs, self._last_episode_starts, self._last_latent = new_obs, dones, latent  # type: ignore[assignment]
