@@ -254,6 +254,7 @@ class Dreamer(BaseAlgorithm):
         self._last_latent: LatentState | None = None
         self._last_rewards: np.ndarray | None = None
         if _init_setup_model:
+            self._check_replay_columns(self.buffer_size // self.n_envs)
             self._setup_model()
 
     # ------------------------------------------------------------------------------------ setup
@@ -288,6 +289,16 @@ class Dreamer(BaseAlgorithm):
             self.policy.compile_steps()
         if self.compile_losses:
             self.policy.compile_losses()
+
+    def _check_replay_columns(self, rows: int) -> None:
+        """ValueError when each env's replay column (``rows = buffer_size // n_envs``) is shorter than
+        one sampled sequence: no batch could ever be sampled, so no update would run."""
+        if rows < self.sequence_length:
+            raise ValueError(
+                f"buffer_size={self.buffer_size} over n_envs={self.n_envs} gives each env's replay column {rows} rows, "
+                f"fewer than sequence_length={self.sequence_length}: no sequence could be sampled and Dreamer would never "
+                f"update. Pass buffer_size >= {self.sequence_length * self.n_envs}, or a shorter sequence_length."
+            )
 
     def _check_speed_options(self, policy_kwargs: dict[str, Any]) -> None:
         """Refuse, at construction, speed options this device or optimiser cannot honour. (A model
@@ -399,6 +410,7 @@ class Dreamer(BaseAlgorithm):
         tb_log_name: str = "run",
         progress_bar: bool = False,
     ) -> tuple[int, BaseCallback]:
+        self._check_replay_columns(self.replay_buffer.capacity)
         if reset_num_timesteps or self._last_obs is None:
             # The env is about to be reset: the episode in progress in each column ends here.
             self.replay_buffer.truncate_last_trajectories()
@@ -421,10 +433,12 @@ class Dreamer(BaseAlgorithm):
         while self.num_timesteps < total_timesteps:
             if not self.collect_rollouts(self.env, callback, log_interval):
                 break
-            if self.num_timesteps >= self.learning_starts:
+            # Updates are owed from the first env step at which a batch can be sampled (no burst of
+            # owed updates when the columns fill after learning_starts).
+            if self.num_timesteps >= self.learning_starts and self.replay_buffer.can_sample(self.sequence_length):
                 self._update_credit += self.env.num_envs * self.updates_per_step
                 gradient_steps = int(self._update_credit)
-                if gradient_steps > 0 and self.replay_buffer.can_sample(self.sequence_length):
+                if gradient_steps > 0:
                     self._update_credit -= gradient_steps
                     self.train(gradient_steps)
         callback.on_training_end()
@@ -467,11 +481,13 @@ class Dreamer(BaseAlgorithm):
             if self.num_timesteps < self.learning_starts:
                 latent = latent._replace(action=self.policy.random_action(n))
         action = latent.action.cpu().numpy()
-        new_obs, rewards, dones, infos = env.step(self.policy.to_env_action(action))
+        actions = self.policy.to_env_action(action)  # as the env takes them (``locals["actions"]``, as in SB3)
+        new_obs, rewards, dones, infos = env.step(actions)
         self.num_timesteps += n
         callback.update_locals(locals())
-        if not callback.on_step():
-            return False
+        # A callback that stops training still gets this step stored and the latent carried (unlike SB3's
+        # off-policy loop): a later learn(reset_num_timesteps=False) continues the episodes where they are.
+        continue_training = callback.on_step()
         self._update_info_buffer(infos, dones)
         normalizer = self._replay_normalizer
         if normalizer is not None:  # store what the env gave before normalisation, as SB3's off-policy algorithms do
@@ -490,16 +506,22 @@ class Dreamer(BaseAlgorithm):
                 self._episode_num += 1
                 if log_interval is not None and self._episode_num % log_interval == 0:
                     self.dump_logs()
+        if not continue_training:
+            return False
         callback.on_rollout_end()
         return True
 
     @property
     def _replay_normalizer(self) -> VecNormalize | None:
-        """The ``VecNormalize`` whose statistics the replay is normalised with at sample time (its rows
-        hold the observations and rewards from before it): the env itself when it is one. A VecNormalize
-        under another wrapper (a VecFrameStack on top) gives observations of another shape than the
-        agent's, so then the rows hold the normalised ones the agent acted on, and None is returned."""
-        return self.env if isinstance(self.env, VecNormalize) else None
+        """The env's ``VecNormalize`` (SB3's ``_vec_normalize_env``), whose statistics the replay is
+        normalised with at sample time, its rows holding the observations and rewards from before it.
+        None when there is none, or when a wrapper on top changes the observation space (a
+        VecFrameStack, VecTransposeImage): then its original observations are not the agent's, and
+        the rows hold the normalised ones the agent acted on."""
+        normalizer = self._vec_normalize_env
+        if normalizer is None or normalizer.observation_space != self.observation_space:
+            return None
+        return normalizer
 
     def _store_transition(
         self,

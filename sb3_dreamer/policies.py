@@ -296,6 +296,8 @@ class DreamerPolicy(BasePolicy):
         n = batch_size(obs_tensor)
         latent = self.initial_state(n) if state is None else self._check_state(state, n)
         starts = np.zeros(n, dtype=np.float32) if episode_start is None else np.asarray(episode_start, dtype=np.float32)
+        if starts.shape == () and n == 1:  # a bool for one unbatched observation, as RecurrentPPO accepts
+            starts = starts.reshape(1)
         if starts.shape != (n,):
             raise ValueError(f"episode_start must have shape ({n},) for {n} observation(s), got {starts.shape}")
         with th.no_grad():

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch as th
 from gymnasium import spaces
+from stable_baselines3.common.callbacks import StopTrainingOnMaxEpisodes
 from stable_baselines3.common.save_util import load_from_pkl, save_to_pkl
-from stable_baselines3.common.vec_env import DummyVecEnv, VecFrameStack, VecNormalize
+from stable_baselines3.common.vec_env import DummyVecEnv, VecFrameStack, VecMonitor, VecNormalize
 
 from sb3_dreamer.buffers import SequenceReplayBuffer
 from sb3_dreamer.type_aliases import SequenceSamples
@@ -218,12 +219,52 @@ def test_vec_normalize_rows_hold_original_values_normalised_when_sampled():
     np.testing.assert_allclose(samples.rewards.numpy(), env.normalize_reward(stored_rewards), rtol=1e-5, atol=1e-6)
     raw = buffer.sample(batch_size=8, sequence_length=3)
     np.testing.assert_array_equal(raw.observations.numpy(), buffer.observations[raw.indices])
+    # A wrapper that keeps the observation space (VecMonitor) on top: the same.
+    monitored = VecMonitor(VecNormalize(DummyVecEnv([lambda: counting_env(terminate_at=2)])))
+    model = make_model(monitored, learning_starts=10_000, buffer_size=1_000, seed=0)
+    assert model._replay_normalizer is monitored.venv
+    model.learn(6)
+    np.testing.assert_array_equal(column(model.replay_buffer)["observations"][:, 0], [0, 1, 2] * 3)
     # Under a VecFrameStack the agent's observations have another shape: rows hold those it acted on.
     stacked = VecFrameStack(VecNormalize(DummyVecEnv([lambda: counting_env(terminate_at=2)])), n_stack=2)
     model = make_model(stacked, learning_starts=10_000, buffer_size=1_000, seed=0)
     assert model._replay_normalizer is None
     model.learn(6)
     assert not np.isin(column(model.replay_buffer)["observations"][:, 2], [0.0, 1.0, 2.0]).all()  # normalised
+
+
+def test_a_callback_that_stops_training_loses_no_row():
+    """StopTrainingOnMaxEpisodes stops on an episode's last step: that step's rows are still stored,
+    so a learn(reset_num_timesteps=False) continues with the next episode, no transition invented."""
+    model = make_model(counting_env(terminate_at=3), learning_starts=10_000, buffer_size=1_000, seed=0)
+    model.learn(100, callback=StopTrainingOnMaxEpisodes(max_episodes=2))
+    assert model.num_timesteps == 6
+    model.learn(4, reset_num_timesteps=False)
+    rows = column(model.replay_buffer)
+    np.testing.assert_array_equal(rows["observations"][:, 0], [0, 1, 2, 3] * 2 + [0, 1, 2, 3, 0])
+    np.testing.assert_array_equal(rows["rewards"], rows["observations"][:, 0])
+    for flag, expected in expected_flags(3, 3, terminal=True).items():
+        assert rows[flag].tolist() == expected + [flag == "is_first"], flag
+
+
+def test_replay_columns_shorter_than_a_sequence_are_refused():
+    from stable_baselines3.common.env_util import make_vec_env
+
+    with pytest.raises(ValueError, match="each env's replay column 25 rows, fewer than sequence_length=32.*buffer_size >= 128"):
+        make_model(make_vec_env("CartPole-v1", n_envs=4), buffer_size=100, sequence_length=32)
+
+
+def test_updates_are_owed_only_once_a_batch_can_be_sampled():
+    """8 envs, learning_starts=16 and sequences of 8 rows: the columns hold 8 rows only at env step 64.
+    The first train() then runs that step's updates, not those of the steps before it."""
+    from stable_baselines3.common.env_util import make_vec_env
+
+    model = make_model(make_vec_env("CartPole-v1", n_envs=8), learning_starts=16, train_ratio=16, seed=0)
+    calls = []
+    model.train = lambda gradient_steps: calls.append((model.num_timesteps, gradient_steps))  # type: ignore[method-assign]
+    model.learn(80)
+    assert model.updates_per_step == 1.0 and calls[0][1] == 8  # one update per env step of the 8 envs
+    assert min(model.replay_buffer.count) >= 8 and all(steps == 8 for _, steps in calls)
 
 
 def test_dreamer_rows_on_cartpole():

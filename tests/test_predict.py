@@ -106,6 +106,11 @@ def test_episode_start_equals_fresh_state(model):
     np.testing.assert_array_equal(action_reset, action_fresh)
     for x, y in zip(state_reset, state_fresh):
         np.testing.assert_array_equal(x, y)
+    # One unbatched observation takes a plain bool, as RecurrentPPO's predict does.
+    action_bool, state_bool = model.predict(obs[0], state=state, episode_start=True, deterministic=True)
+    np.testing.assert_array_equal(action_bool, action_fresh[0])
+    for x, y in zip(state_bool, state_fresh):
+        np.testing.assert_array_equal(x, y)
 
 
 def test_episode_start_resets_per_env(model):
