@@ -47,6 +47,8 @@ SelfDreamer = TypeVar("SelfDreamer", bound="Dreamer")
 
 # Eager CPU updates in one learn() from which Dreamer suggests compiling (1-3 minutes of compilation
 # pay off after 1,000-2,000 updates; see the README's Speed section).
+# Constructor options that choose how updates run, checked by Dreamer._check_speed_options.
+SPEED_OPTIONS = frozenset({"cuda_graph", "precision", "compile_steps", "compile_losses", "parallel_backward", "retain_cpu_memory"})
 EAGER_CPU_UPDATES_WARNING = 2_000
 
 
@@ -377,6 +379,27 @@ class Dreamer(BaseAlgorithm):
                     group["lr"].fill_(lr)
                 else:
                     group["lr"] = lr
+
+    @classmethod
+    def load(  # type: ignore[override]
+        cls: type[SelfDreamer],
+        path: str | pathlib.Path | io.BufferedIOBase,
+        env: GymEnv | None = None,
+        device: th.device | str = "auto",
+        custom_objects: dict[str, Any] | None = None,
+        print_system_info: bool = False,
+        force_reset: bool = True,
+        **kwargs: Any,
+    ) -> SelfDreamer:
+        """SB3's ``load``; speed options passed here (``cuda_graph=True`` on a CPU, ...) are refused as
+        the constructor refuses them, while those saved with the model adapt to the device."""
+        model = super().load(
+            path, env=env, device=device, custom_objects=custom_objects, print_system_info=print_system_info,
+            force_reset=force_reset, **kwargs,
+        )  # fmt: skip
+        if SPEED_OPTIONS & kwargs.keys():
+            model._check_speed_options(model.policy_kwargs)
+        return model
 
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
         return ["policy", "policy.optimizer"], []

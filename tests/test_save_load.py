@@ -76,6 +76,13 @@ def test_load_without_env_predicts(trained):
     assert_same_predictions(model, loaded, observations(model))
 
 
+def test_load_refuses_speed_options_the_device_cannot_honour(trained):
+    _, path = trained
+    with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device"):
+        Dreamer.load(path, device="cpu", cuda_graph=True)
+    assert Dreamer.load(path, device="cpu", cuda_graph=False).uses_cuda_graph is False
+
+
 def test_load_with_more_envs_then_learn(trained):
     model, path = trained
     env_id = model.env.envs[0].spec.id
