@@ -24,6 +24,7 @@ continues a stopped run in its folder from its latest checkpoint to the same bud
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from importlib import resources
@@ -220,8 +221,11 @@ def _algo(argv: list[str]) -> str | None:
 
 
 def with_default_config(argv: list[str]) -> list[str]:
-    """``train`` arguments, plus ``--conf-file <ours>`` for ``--algo dreamer`` when none is given."""
-    if _algo(argv) == "dreamer" and not any(a in ("--conf-file", "-conf") or a.startswith("--conf-file=") for a in argv):
+    """``train`` arguments, plus ``--conf-file <ours>`` for ``--algo dreamer`` when none is given
+    (in any spelling the zoo's parser takes: ``-conf F``, ``-conf=F``, ``--conf F``, ``--conf-file=F``, ...)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("-conf", "--conf-file", default=None)  # as in rl_zoo3.train, abbreviations included
+    if _algo(argv) == "dreamer" and parser.parse_known_args(argv)[0].conf_file is None:
         return [*argv, "--conf-file", str(default_config_path())]
     return list(argv)
 

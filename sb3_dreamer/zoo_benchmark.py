@@ -20,7 +20,8 @@ cannot run (no hyperparameters for the env in the algorithm's YAML, or an action
 algorithm does not support: DQN on Pendulum, SAC on CartPole) are skipped with a note, so one
 command covers a grid of mixed action spaces.
 
-Writes to ``<out>``:
+Every output reads a run's evaluations up to its budget only (the zoo's PPO trains whole rollouts
+and so evaluates past ``-n``). Writes to ``<out>``:
 
 - ``evaluations.csv``: every evaluation point (algo, env, seed, timesteps, mean and std return,
   whether the run has finished);
@@ -251,6 +252,16 @@ def check_resumable(todo: list[tuple[str, str, int]], args: argparse.Namespace) 
         )
 
 
+def run_budget(record: dict) -> int | None:
+    """A run's budget (-n): from its record, else from the run's ``<Env>/args.yml`` (None if neither has it)."""
+    if record.get("n_timesteps") is not None:
+        return int(record["n_timesteps"])
+    from rl_zoo3.utils import EnvironmentName
+
+    started = zoo_resume.read_run_args(record["log_path"], str(EnvironmentName(record["env"])))
+    return None if not started or started.get("n_timesteps") is None else int(started["n_timesteps"])
+
+
 def load_runs(out: Path, algos: list[str], envs: list[str], seeds: list[int]) -> list[dict]:
     """Runs of the grid with their evaluations (timesteps [K], mean returns [K], std [K]).
 
@@ -278,10 +289,14 @@ def load_runs(out: Path, algos: list[str], envs: list[str], seeds: list[int]) ->
                         "deleted?): restore the folder, or delete the record to run it again"
                     )
                 data = np.load(evaluations)
+                # Only evaluations within the budget: the zoo's PPO trains whole rollouts (n_envs x n_steps)
+                # and so evaluates past -n, which would compare it at more env steps than the others.
+                budget = run_budget(record)
+                within = data["timesteps"] <= budget if budget is not None else np.ones(len(data["timesteps"]), bool)
                 record.update(
-                    timesteps=data["timesteps"].tolist(),
-                    mean=data["results"].mean(1).tolist(),
-                    std=data["results"].std(1).tolist(),
+                    timesteps=data["timesteps"][within].tolist(),
+                    mean=data["results"][within].mean(1).tolist(),
+                    std=data["results"][within].std(1).tolist(),
                 )
                 if record["timesteps"]:
                     runs.append(record)

@@ -43,8 +43,10 @@ def test_register_keeps_the_zoos_own_algorithms():
 def test_default_config_is_added_only_for_dreamer():
     assert with_default_config(["--algo", "dreamer", "--env", "CartPole-v1"])[-2:] == ["--conf-file", str(default_config_path())]
     assert with_default_config(["--algo", "ppo", "--env", "CartPole-v1"]) == ["--algo", "ppo", "--env", "CartPole-v1"]
-    mine = ["--algo", "dreamer", "--conf-file", "mine.yml"]
-    assert with_default_config(mine) == mine
+    for given in (["--conf-file", "mine.yml"], ["-conf", "mine.yml"], ["-conf=mine.yml"], ["--conf", "mine.yml"],
+                  ["--conf-file=mine.yml"], ["--conf=mine.yml"]):  # fmt: skip
+        mine = ["--algo", "dreamer", *given]
+        assert with_default_config(mine) == mine, given
 
 
 def test_repository_yaml_is_the_packaged_one():
@@ -302,6 +304,22 @@ def test_running_jobs_report_their_latest_evaluation(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "dreamer_CartPole-v1_seed0 (" in out and "200 env steps, last evaluation 6.0, best 20.0" in out
     assert log.read_text().startswith("=== ")  # each attempt's command heads its output
+
+
+def test_report_reads_evaluations_within_the_budget_only(tmp_path):
+    """PPO trains whole rollouts, so its last evaluations can lie past -n: they are left out."""
+    from sb3_dreamer.zoo_benchmark import main
+
+    bench, folder = tmp_path / "bench", tmp_path / "logs" / "ppo" / "CartPole-v1_1"
+    (bench / "runs").mkdir(parents=True)
+    folder.mkdir(parents=True)
+    np.savez(folder / "evaluations.npz", timesteps=np.array([992, 1984, 2976]), results=np.array([[100.0], [200.0], [500.0]]),
+             ep_lengths=np.ones((3, 1)))  # fmt: skip
+    record = dict(algo="ppo", env="CartPole-v1", seed=0, log_path=str(folder), wall_clock_s=5.0, n_timesteps=2000)
+    (bench / "runs" / "ppo_CartPole-v1_seed0.json").write_text(json.dumps(record))
+    main(["--algos", "ppo", "--envs", "CartPole-v1", "--seeds", "0", "--out", str(bench), "--report-only"])
+    assert "| ppo | CartPole-v1 (475) | unsolved | unsolved | 200 |" in (bench / "results.md").read_text()
+    assert "2976" not in (bench / "evaluations.csv").read_text()
 
 
 def test_report_marks_runs_not_finished(tmp_path):
