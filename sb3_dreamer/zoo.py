@@ -147,9 +147,21 @@ def _experiment_manager(checkpoint_every: int | None = None, resume: str | None 
                 seed = self.seed + int(self.resumed_from["num_timesteps"])
                 print(f"Resuming {resume} from {checkpoint.name}, seeded with {self.seed} + {seed - self.seed}")
                 self.seed = seed
-            elif not getattr(self.args, "uuid", False):
+                self.params_path = f"{self.save_path}/{self.env_name}"
+
+        def create_log_folder(self) -> None:
+            # Claimed here, once the hyperparameters are read (as the zoo creates its folder), so a run
+            # that fails before (no entry for the env, a wrong -conf path) leaves no empty folder behind.
+            if checkpoint_every is not None and 0 < self.eval_freq and self.n_timesteps < self.eval_freq:
+                raise ValueError(
+                    f"--checkpoint-every: checkpoints follow evaluations, and --eval-freq {self.eval_freq} (the zoo's "
+                    f"default unless given) is past this run's budget of {self.n_timesteps} env steps, so none would be "
+                    "taken. Pass an --eval-freq within the budget (e.g. --eval-freq 5000)."
+                )
+            if self.resumed_from is None and not self.optimize_hyperparameters and not getattr(self.args, "uuid", False):
                 self.save_path = claim_run_folder(self.log_path, self.env_name)
-            self.params_path = f"{self.save_path}/{self.env_name}"
+                self.params_path = f"{self.save_path}/{self.env_name}"
+            super().create_log_folder()
 
         def create_callbacks(self) -> None:
             super().create_callbacks()

@@ -222,6 +222,23 @@ def test_a_run_resumes_from_its_checkpoint_in_its_own_folder(tmp_path):
     assert len(load_results(str(run))) > episodes  # both attempts' training episodes
 
 
+def test_train_fails_early_without_leaving_a_run_folder(tmp_path):
+    """--checkpoint-every with evaluations past the budget would take no checkpoint: refused. A run that
+    fails before its hyperparameters are read (no entry for the env) claims no folder, as the zoo."""
+    def train(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "sb3_dreamer.zoo", "train", "--env", "CartPole-v1", "--device", "cpu", "-f", "logs", *args],
+            cwd=tmp_path, capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"),
+        )  # fmt: skip
+
+    proc = train("--algo", "dreamer", "-n", "300", "--checkpoint-every", "1")  # the zoo's --eval-freq: 25000
+    assert proc.returncode != 0 and "--eval-freq 25000" in proc.stderr and "past this run's budget of 300" in proc.stderr
+    (tmp_path / "pendulum_only.yml").write_text("Pendulum-v1:\n  n_timesteps: 100\n  policy: MlpPolicy\n")
+    proc = train("--algo", "ppo", "-conf", "pendulum_only.yml")
+    assert proc.returncode != 0 and "Hyperparameters not found" in proc.stderr
+    assert not list((tmp_path / "logs").glob("*/CartPole-v1_*"))
+
+
 def test_resume_needs_a_complete_checkpoint(tmp_path):
     from sb3_dreamer.zoo_benchmark import resume_point, train_command
     from sb3_dreamer.zoo_resume import latest_checkpoint
