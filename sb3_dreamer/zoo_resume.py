@@ -19,8 +19,10 @@ resumed run reproducible.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -143,9 +145,33 @@ def restore_evaluations(eval_callback: EvalCallback, npz_path: str | Path, up_to
 
 
 def keep_earlier_monitor_logs(run_folder: str | Path, resumed_at: int) -> None:
-    """Rename the run's ``<i>.monitor.csv`` so the resumed run's Monitor does not overwrite them
-    (``<i>.before_<steps>.monitor.csv``; SB3's ``load_results`` reads every ``*monitor.csv``)."""
-    for path in Path(run_folder).glob("*.monitor.csv"):
+    """Keep the training episodes of the attempts before a resume at ``resumed_at`` env steps apart
+    from the resumed run's, as SB3's ``load_results`` reads them (every ``*monitor.csv``):
+    ``<i>.monitor.csv`` becomes ``<i>.before_<steps>.monitor.csv`` with the episodes that ended by the
+    checkpoint, and the episodes the stopped attempt ran after it (trained again by the resumed run)
+    go to ``<i>.after_<steps>.discarded.csv``, which ``load_results`` does not read, so a training
+    curve counts no env step twice. The env steps per env are ``resumed_at / n_envs`` (one monitor
+    file per env, stepped together)."""
+    current = [p for p in Path(run_folder).glob("*.monitor.csv") if "." not in p.name[: -len(".monitor.csv")]]
+    steps_per_env = resumed_at // max(len(current), 1)
+    for path in current:
         stem = path.name[: -len(".monitor.csv")]
-        if "." not in stem:  # not one already renamed
-            path.rename(path.with_name(f"{stem}.before_{resumed_at}.monitor.csv"))
+        lines = path.read_text().splitlines(keepends=True)
+        header, rows = lines[:2], lines[2:]  # the JSON comment line and the CSV header (r,l,t,...)
+        length = next(csv.reader(header[1:])).index("l") if len(header) == 2 else 1
+        # This file's episodes began at the previous resume's step (its own before_<steps> file), if any.
+        earlier = [int(m.group(1)) for f in Path(run_folder).glob(f"{stem}.before_*.monitor.csv")
+                   if (m := re.fullmatch(rf"{re.escape(stem)}\.before_(\d+)\.monitor\.csv", f.name))]  # fmt: skip
+        kept, steps = 0, max(earlier, default=0) // max(len(current), 1)
+        for row in rows:
+            fields = next(csv.reader([row]), [])
+            if len(fields) <= length or not fields[length].isdigit():
+                break  # a line cut mid-write by the stop: not an episode that ended by the checkpoint
+            steps += int(fields[length])
+            if steps > steps_per_env:
+                break
+            kept += 1
+        path.with_name(f"{stem}.before_{resumed_at}.monitor.csv").write_text("".join(header + rows[:kept]))
+        if rows[kept:]:
+            path.with_name(f"{stem}.after_{resumed_at}.discarded.csv").write_text("".join(header + rows[kept:]))
+        path.unlink()

@@ -289,6 +289,25 @@ def test_benchmark_refuses_up_front_to_continue_runs_begun_with_other_arguments(
         check_resumable(todo, argparse.Namespace(**dict(vars(same), eval_episodes=5)))
 
 
+def test_resume_keeps_the_training_episodes_up_to_the_checkpoint(tmp_path):
+    """A stopped attempt's episodes after the checkpoint are trained again by the resumed run: they go
+    to a file load_results does not read, so no env step is counted twice; nothing is deleted."""
+    from stable_baselines3.common.monitor import load_results
+
+    from sb3_dreamer.zoo_resume import keep_earlier_monitor_logs
+
+    head = '#{"t_start": 0.0, "env_id": "CartPole-v1"}\nr,l,t\n'
+    (tmp_path / "0.monitor.csv").write_text(head + "3.0,3,0.1\n4.0,4,0.2\n5.0,5,0.3\n6.0,6,0.4\n")
+    keep_earlier_monitor_logs(tmp_path, resumed_at=8)  # episodes ending at 3 and 7 came before step 8
+    assert load_results(str(tmp_path))["l"].tolist() == [3, 4]
+    assert (tmp_path / "0.after_8.discarded.csv").read_text() == head + "5.0,5,0.3\n6.0,6,0.4\n"
+    # The resumed attempt's file counts from step 8; resumed again at 20: it keeps 5 and 6 (8 + 11 <= 20), drops 9.
+    (tmp_path / "0.monitor.csv").write_text(head + "5.0,5,0.1\n6.0,6,0.2\n9.0,9,0.3\n7.0,")  # the last line cut mid-write
+    keep_earlier_monitor_logs(tmp_path, resumed_at=20)
+    assert sorted(load_results(str(tmp_path))["l"].tolist()) == [3, 4, 5, 6]
+    assert (tmp_path / "0.after_20.discarded.csv").read_text() == head + "9.0,9,0.3\n7.0,"
+
+
 def test_restore_evaluations_keeps_those_up_to_the_checkpoint(tmp_path):
     import gymnasium as gym
     from stable_baselines3.common.callbacks import EvalCallback
