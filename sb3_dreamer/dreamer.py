@@ -253,6 +253,7 @@ class Dreamer(BaseAlgorithm):
         self._check_speed_options(policy_kwargs or {})
         self.replay_buffer_kwargs = replay_buffer_kwargs or {}
         self._update_credit = 0.0  # gradient updates owed to the env steps collected so far
+        self._n_updates_at_start = 0  # _n_updates when the current learn() began
         self._last_latent: LatentState | None = None
         self._last_rewards: np.ndarray | None = None
         if _init_setup_model:
@@ -437,6 +438,7 @@ class Dreamer(BaseAlgorithm):
         if reset_num_timesteps or self._last_obs is None:
             # The env is about to be reset: the episode in progress in each column ends here.
             self.replay_buffer.truncate_last_trajectories()
+        self._n_updates_at_start = self._n_updates  # the realised replay ratio is that of this learn() call
         return super()._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
 
     def learn(
@@ -587,8 +589,11 @@ class Dreamer(BaseAlgorithm):
         for key, value in values.items():
             self.logger.record(f"train/{key}", value)
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
-        steps_since_start = max(self.num_timesteps - self.learning_starts, 1)
-        self.logger.record("train/replay_ratio", self._n_updates * self.batch_size * self.sequence_length / steps_since_start)
+        # Over this learn() call (a continued or reloaded model's num_timesteps may restart at 0, its
+        # _n_updates does not), counted from learning_starts.
+        updates = self._n_updates - self._n_updates_at_start
+        steps = max(self.num_timesteps - max(self.learning_starts, self._num_timesteps_at_start), 1)
+        self.logger.record("train/replay_ratio", updates * self.batch_size * self.sequence_length / steps)
 
     def train_step(self, data: SequenceSamples) -> dict[str, th.Tensor]:
         """One gradient update (eager, or replayed from a CUDA graph): returns detached 0-d metrics."""

@@ -121,6 +121,18 @@ def test_learn_continues_num_timesteps():
     assert model.num_timesteps == 10
 
 
+def test_logged_replay_ratio_is_that_of_the_learn_call():
+    """train/replay_ratio is the realised ratio of the current learn(), also when num_timesteps restarts
+    at 0 on a model that has already updated (the zoo's -i, a second learn())."""
+    model = make_model("CartPole-v1", learning_starts=20, train_ratio=16, seed=0)  # one update per env step
+    logged = []
+    for _ in range(2):
+        model.learn(60, log_interval=None)  # no dump: the logger keeps the last recorded values
+        logged.append(model.logger.name_to_value.get("train/replay_ratio"))
+    assert model._n_updates == 82  # 41 per learn(): at env steps 20 (learning_starts) to 60
+    assert logged == [pytest.approx(41 * 16 / 40), pytest.approx(41 * 16 / 40)]  # updates x B x T / steps after 20
+
+
 def test_learning_rate_schedule():
     model = make_model("CartPole-v1", learning_rate=lambda progress: 1e-3 * progress, learning_starts=30)
     assert type(model.lr_schedule(1.0)) is float
