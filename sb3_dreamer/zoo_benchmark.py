@@ -149,7 +149,8 @@ def train_args(algo: str, seed: int, args: argparse.Namespace) -> dict:
     parser.add_argument("-params", dest="hyperparams", nargs="+", action=StoreDict, default=None)
     params = args.params if algo == "dreamer" and args.params else None
     hyperparams = parser.parse_args(["-params", *params] if params else []).hyperparams
-    return dict(seed=seed, eval_freq=args.eval_freq, eval_episodes=args.eval_episodes, n_eval_envs=1, hyperparams=hyperparams)
+    return dict(seed=seed, eval_freq=args.eval_freq, eval_episodes=args.eval_episodes, n_eval_envs=1, hyperparams=hyperparams,
+                env_kwargs=None, eval_env_kwargs=None)  # fmt: skip
 
 
 def log_paths(log: Path) -> list[str]:

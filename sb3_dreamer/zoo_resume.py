@@ -34,9 +34,10 @@ from stable_baselines3.common.callbacks import BaseCallback, EvalCallback
 PROGRESS = "progress.json"
 
 # The zoo arguments a resumed attempt must share with the run's first: its evaluations (and so its
-# curve and checkpoints), its seed, and the hyperparameter overrides (``-params``), which the zoo
-# would otherwise apply to the loaded model. The budget (-n) may be raised.
-RESUMED_ARGS = ("seed", "eval_freq", "eval_episodes", "n_eval_envs", "hyperparams")
+# curve and checkpoints), its seed, the hyperparameter overrides (``-params``), which the zoo
+# would otherwise apply to the loaded model, and the env's arguments (``--env-kwargs``,
+# ``--eval-env-kwargs``). The budget (-n) may be raised.
+RESUMED_ARGS = ("seed", "eval_freq", "eval_episodes", "n_eval_envs", "hyperparams", "env_kwargs", "eval_env_kwargs")
 
 
 def latest_checkpoint(run_folder: str | Path) -> Path | None:
