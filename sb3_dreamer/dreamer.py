@@ -47,9 +47,9 @@ SelfDreamer = TypeVar("SelfDreamer", bound="Dreamer")
 
 # Eager CPU updates in one learn() from which Dreamer suggests compiling (1-3 minutes of compilation
 # pay off after 1,000-2,000 updates; see the README's Speed section).
+EAGER_CPU_UPDATES_WARNING = 2_000
 # Constructor options that choose how updates run, checked by Dreamer._check_speed_options.
 SPEED_OPTIONS = frozenset({"cuda_graph", "precision", "compile_steps", "compile_losses", "parallel_backward", "retain_cpu_memory"})
-EAGER_CPU_UPDATES_WARNING = 2_000
 
 
 def available_cores() -> int:
