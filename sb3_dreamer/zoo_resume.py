@@ -152,7 +152,7 @@ def keep_earlier_monitor_logs(run_folder: str | Path, resumed_at: int) -> None:
     checkpoint, and the episodes the stopped attempt ran after it (trained again by the resumed run)
     go to ``<i>.after_<steps>.discarded.csv``, which ``load_results`` does not read, so a training
     curve counts no env step twice. The env steps per env are ``resumed_at / n_envs`` (one monitor
-    file per env, stepped together)."""
+    file per env, stepped together). Resumed twice from one checkpoint, the files are appended to."""
     current = [p for p in Path(run_folder).glob("*.monitor.csv") if "." not in p.name[: -len(".monitor.csv")]]
     steps_per_env = resumed_at // max(len(current), 1)
     for path in current:
@@ -172,7 +172,18 @@ def keep_earlier_monitor_logs(run_folder: str | Path, resumed_at: int) -> None:
             if steps > steps_per_env:
                 break
             kept += 1
-        path.with_name(f"{stem}.before_{resumed_at}.monitor.csv").write_text("".join(header + rows[:kept]))
+        add_rows(path.with_name(f"{stem}.before_{resumed_at}.monitor.csv"), header, rows[:kept])
         if rows[kept:]:
-            path.with_name(f"{stem}.after_{resumed_at}.discarded.csv").write_text("".join(header + rows[kept:]))
+            add_rows(path.with_name(f"{stem}.after_{resumed_at}.discarded.csv"), header, rows[kept:])
         path.unlink()
+
+
+def add_rows(path: Path, header: list[str], rows: list[str]) -> None:
+    """Write a monitor file of ``header`` and ``rows``, or append the rows to one already there (a run
+    resumed twice from one checkpoint: the first resume's file is kept)."""
+    if path.exists():
+        ends_line = path.read_text().endswith("\n")
+        with open(path, "a") as f:
+            f.write("".join(rows) if ends_line else "\n" + "".join(rows))  # after a line cut mid-write
+    else:
+        path.write_text("".join(header + rows))

@@ -306,6 +306,11 @@ def test_resume_keeps_the_training_episodes_up_to_the_checkpoint(tmp_path):
     keep_earlier_monitor_logs(tmp_path, resumed_at=20)
     assert sorted(load_results(str(tmp_path))["l"].tolist()) == [3, 4, 5, 6]
     assert (tmp_path / "0.after_20.discarded.csv").read_text() == head + "9.0,9,0.3\n7.0,"
+    # Stopped again before the next checkpoint and resumed from the same one: nothing overwritten.
+    (tmp_path / "0.monitor.csv").write_text(head + "2.0,2,0.1\n")
+    keep_earlier_monitor_logs(tmp_path, resumed_at=20)
+    assert sorted(load_results(str(tmp_path))["l"].tolist()) == [3, 4, 5, 6]
+    assert (tmp_path / "0.after_20.discarded.csv").read_text() == head + "9.0,9,0.3\n7.0,\n2.0,2,0.1\n"
 
 
 def test_restore_evaluations_keeps_those_up_to_the_checkpoint(tmp_path):
