@@ -254,6 +254,7 @@ class Dreamer(BaseAlgorithm):
         self.replay_buffer_kwargs = replay_buffer_kwargs or {}
         self._update_credit = 0.0  # gradient updates owed to the env steps collected so far
         self._n_updates_at_start = 0  # _n_updates when the current learn() began
+        self._replay_normalizer_fit: tuple[VecNormalize, bool] | None = None  # see _replay_normalizer
         self._last_latent: LatentState | None = None
         self._last_rewards: np.ndarray | None = None
         if _init_setup_model:
@@ -363,7 +364,8 @@ class Dreamer(BaseAlgorithm):
         return None
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "_last_latent", "_captured_update", "_backward_pool", "_updated_shape"]
+        excluded = ["_last_latent", "_captured_update", "_backward_pool", "_updated_shape", "_replay_normalizer_fit"]
+        return [*super()._excluded_save_params(), *excluded]
 
     def set_parameters(self, *args, **kwargs) -> None:  # type: ignore[override]
         """SB3's ``set_parameters``; a captured update holds the old optimiser state, so it is dropped."""
@@ -544,9 +546,12 @@ class Dreamer(BaseAlgorithm):
         VecFrameStack, VecTransposeImage): then its original observations are not the agent's, and
         the rows hold the normalised ones the agent acted on."""
         normalizer = self._vec_normalize_env
-        if normalizer is None or normalizer.observation_space != self.observation_space:
+        if normalizer is None:
             return None
-        return normalizer
+        # Comparing two spaces costs ~0.1 ms (Box bounds), so once per env, not every env step.
+        if self._replay_normalizer_fit is None or self._replay_normalizer_fit[0] is not normalizer:
+            self._replay_normalizer_fit = (normalizer, normalizer.observation_space == self.observation_space)
+        return normalizer if self._replay_normalizer_fit[1] else None
 
     def _store_transition(
         self,
