@@ -154,7 +154,8 @@ def keep_earlier_monitor_logs(run_folder: str | Path, resumed_at: int) -> None:
     curve counts no env step twice. The env steps per env are ``resumed_at / n_envs`` (one monitor
     file per env, stepped together). Resumed twice from one checkpoint, the files are appended to."""
     current = [p for p in Path(run_folder).glob("*.monitor.csv") if "." not in p.name[: -len(".monitor.csv")]]
-    steps_per_env = resumed_at // max(len(current), 1)
+    n_envs = max(len(current), 1)
+    steps_per_env = resumed_at // n_envs
     for path in current:
         stem = path.name[: -len(".monitor.csv")]
         lines = path.read_text().splitlines(keepends=True)
@@ -163,7 +164,7 @@ def keep_earlier_monitor_logs(run_folder: str | Path, resumed_at: int) -> None:
         # This file's episodes began at the previous resume's step (its own before_<steps> file), if any.
         earlier = [int(m.group(1)) for f in Path(run_folder).glob(f"{stem}.before_*.monitor.csv")
                    if (m := re.fullmatch(rf"{re.escape(stem)}\.before_(\d+)\.monitor\.csv", f.name))]  # fmt: skip
-        kept, steps = 0, max(earlier, default=0) // max(len(current), 1)
+        kept, steps = 0, max(earlier, default=0) // n_envs
         for row in rows:
             fields = next(csv.reader([row]), [])
             if len(fields) <= length or not fields[length].isdigit():
