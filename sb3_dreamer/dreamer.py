@@ -211,6 +211,18 @@ class Dreamer(BaseAlgorithm):
                 "Dreamer needs batch_size >= 1, sequence_length >= 2, imagination_horizon >= 1 and train_ratio >= 0, got "
                 f"{batch_size}, {sequence_length}, {imagination_horizon}, {train_ratio}"
             )
+        if imagination_starts is not None and imagination_starts < 1:
+            raise ValueError(f"imagination_starts must be >= 1, or None for all posterior states, got {imagination_starts}")
+        if not (0.0 <= gamma <= 1.0 and 0.0 <= return_lambda <= 1.0 and 0.0 < critic_ema_rate <= 1.0):
+            raise ValueError(
+                "Dreamer needs 0 <= gamma <= 1, 0 <= return_lambda <= 1 and 0 < critic_ema_rate <= 1, got "
+                f"{gamma}, {return_lambda}, {critic_ema_rate}"
+            )
+        if learning_starts < 0 or entropy_coef < 0 or replay_value_scale < 0:
+            raise ValueError(
+                "Dreamer needs learning_starts >= 0, entropy_coef >= 0 and replay_value_scale >= 0, got "
+                f"{learning_starts}, {entropy_coef}, {replay_value_scale}"
+            )
         super().__init__(
             policy,
             env,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -159,10 +161,14 @@ def test_unsupported_spaces_raise(env, space_name):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(batch_size=0), dict(sequence_length=1), dict(imagination_horizon=0), dict(train_ratio=-1.0)]
-)
+    "kwargs",
+    [dict(batch_size=0), dict(sequence_length=1), dict(imagination_horizon=0), dict(train_ratio=-1.0),
+     dict(imagination_starts=0), dict(gamma=1.5), dict(gamma=-0.1), dict(return_lambda=1.5), dict(critic_ema_rate=0.0),
+     dict(critic_ema_rate=2.0), dict(learning_starts=-1), dict(entropy_coef=-1e-4), dict(replay_value_scale=-0.3)],
+)  # fmt: skip
 def test_invalid_hyperparameters_raise(kwargs):
-    with pytest.raises(ValueError):
+    (name, value), = kwargs.items()
+    with pytest.raises(ValueError, match=rf"{name}.*{re.escape(str(value))}"):
         make_model("CartPole-v1", **kwargs)
 
 
