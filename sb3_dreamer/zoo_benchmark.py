@@ -140,17 +140,22 @@ def protocol_mismatches(record: dict, args: argparse.Namespace) -> list[str]:
     return zoo_resume.differences(record, protocol(record["algo"], args), "here")
 
 
-def train_args(algo: str, seed: int, args: argparse.Namespace) -> dict:
-    """The zoo arguments of :data:`zoo_resume.RESUMED_ARGS` that :func:`train_command` gives a run,
-    as the zoo parses them (``-params`` values evaluated by its ``StoreDict``)."""
+def train_args(algo: str, env_id: str, seed: int, args: argparse.Namespace) -> dict:
+    """The zoo arguments of :data:`zoo_resume.RESUMED_ARGS` in :func:`train_command`, parsed as the
+    zoo's ``train`` parses them (these options' definitions in ``rl_zoo3.train``: ``-params`` and the
+    env kwargs evaluated by its ``StoreDict``), so they compare with a run's ``<Env>/args.yml``."""
     from rl_zoo3.utils import StoreDict
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("-params", dest="hyperparams", nargs="+", action=StoreDict, default=None)
-    params = args.params if algo == "dreamer" and args.params else None
-    hyperparams = parser.parse_args(["-params", *params] if params else []).hyperparams
-    return dict(seed=seed, eval_freq=args.eval_freq, eval_episodes=args.eval_episodes, n_eval_envs=1, hyperparams=hyperparams,
-                env_kwargs=None, eval_env_kwargs=None)  # fmt: skip
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # --env is not --env-kwargs here
+    parser.add_argument("--seed", type=int, default=-1)
+    parser.add_argument("--eval-freq", type=int, default=25000)
+    parser.add_argument("--eval-episodes", type=int, default=5)
+    parser.add_argument("--n-eval-envs", type=int, default=1)
+    for option in ("-params", "--env-kwargs", "--eval-env-kwargs"):
+        parser.add_argument(option, *(["--hyperparams"] if option == "-params" else []), type=str, nargs="+", action=StoreDict)
+    command = train_command(algo, env_id, seed, args)
+    parsed = vars(parser.parse_known_args(command[command.index("train") + 1 :])[0])
+    return {name: parsed[name] for name in zoo_resume.RESUMED_ARGS}
 
 
 def log_paths(log: Path) -> list[str]:
@@ -240,8 +245,10 @@ def check_resumable(todo: list[tuple[str, str, int]], args: argparse.Namespace) 
     for algo, env_id, seed in todo:
         name = run_name(algo, env_id, seed)
         point = resume_point(args.out / "runs" / f"{name}.log")
-        started = None if point is None else zoo_resume.read_run_args(point[0], str(EnvironmentName(env_id)))
-        mismatches = zoo_resume.resume_mismatches(started or {}, train_args(algo, seed, args))
+        if point is None:  # a fresh run: nothing to continue
+            continue
+        started = zoo_resume.read_run_args(point[0], str(EnvironmentName(env_id)))
+        mismatches = zoo_resume.resume_mismatches(started or {}, train_args(algo, env_id, seed, args))
         if mismatches:
             differing[f"{name} ({point[0]})"] = ", ".join(mismatches)
     if differing:

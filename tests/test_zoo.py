@@ -197,8 +197,9 @@ def test_a_run_resumes_from_its_checkpoint_in_its_own_folder(tmp_path):
     assert resume_mismatches(started, dict(started, n_timesteps=500)) == []
     assert resume_mismatches(started, dict(started, eval_freq=50)) == ["eval_freq 100 (this command: 50)"]
     # The benchmark predicts the arguments its train command gives a run as the zoo records them.
-    protocol = argparse.Namespace(eval_freq=100, eval_episodes=2, params=params[1:])
-    assert train_args("dreamer", 0, protocol) == {name: started[name] for name in RESUMED_ARGS}
+    protocol = argparse.Namespace(n_timesteps=300, eval_freq=100, eval_episodes=2, params=params[1:], log_folder=Path("logs"),
+                                  device="cpu", checkpoint_every=1)  # fmt: skip
+    assert train_args("dreamer", "CartPole-v1", 0, protocol) == {name: started[name] for name in RESUMED_ARGS}
     other = [*common[: common.index("--eval-freq")], "--eval-freq", "50", *common[common.index("--eval-freq") + 2 :]]
     refused = subprocess.run(
         [sys.executable, "-m", "sb3_dreamer.zoo", "train", *other, "-n", "500", "--resume", str(run), *params],
@@ -280,7 +281,8 @@ def test_benchmark_refuses_up_front_to_continue_runs_begun_with_other_arguments(
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "dreamer_CartPole-v1_seed0.log").write_text(f"Log path: {run}\n")
     todo = [("dreamer", "CartPole-v1", 0), ("dreamer", "CartPole-v1", 1)]  # seed 1 has no run yet: starts afresh
-    same = argparse.Namespace(out=tmp_path, eval_freq=100, eval_episodes=2, params=["train_ratio:16"])
+    same = argparse.Namespace(out=tmp_path, n_timesteps=300, eval_freq=100, eval_episodes=2, params=["train_ratio:16"],
+                              log_folder=tmp_path / "logs", device="cpu", checkpoint_every=1)  # fmt: skip
     check_resumable(todo, same)
     with pytest.raises(SystemExit, match=r"dreamer_CartPole-v1_seed0 \(.*CartPole-v1_1\): hyperparams \{'train_ratio': 16\} "
                        r"\(this command: \{'train_ratio': 8\}\)"):  # fmt: skip
