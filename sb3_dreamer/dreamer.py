@@ -434,6 +434,11 @@ class Dreamer(BaseAlgorithm):
             raise TypeError(f"{path} holds a {type(buffer).__name__}, not a SequenceReplayBuffer")
         if buffer.n_envs != self.n_envs:
             raise ValueError(f"The replay buffer has {buffer.n_envs} env columns but the model has n_envs={self.n_envs}")
+        for kind, saved, own in (("observation", buffer.observation_space, self.observation_space),
+                                 ("action", buffer.action_space, self.action_space)):  # fmt: skip
+            if saved != own:
+                raise ValueError(f"The replay buffer holds {kind}s of {saved} but this model's {kind} space is {own}: "
+                                 "load a buffer saved by a model of the same env")  # fmt: skip
         buffer.device = self.device
         if truncate_last_traj:
             buffer.truncate_last_trajectories()

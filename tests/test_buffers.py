@@ -343,6 +343,9 @@ def test_load_replay_buffer_errors(tmp_path):
     two_envs = make_model(DummyVecEnv([lambda: counting_env(5)] * 2))
     with pytest.raises(ValueError, match="n_envs"):
         two_envs.load_replay_buffer(tmp_path / "replay.pkl")
+    pendulum = make_model("Pendulum-v1")
+    with pytest.raises(ValueError, match=r"observations of Box\(.*\(4,\), float32\) but this model's observation space is Box"):
+        pendulum.load_replay_buffer(tmp_path / "replay.pkl")
     save_to_pkl(tmp_path / "not_a_buffer.pkl", {"a": 1})
     with pytest.raises(TypeError, match="SequenceReplayBuffer"):
         model.load_replay_buffer(tmp_path / "not_a_buffer.pkl")
