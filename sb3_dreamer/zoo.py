@@ -9,7 +9,8 @@
     python -m sb3_dreamer.zoo train --algo dreamer --env LunarLander-v3 --checkpoint-every 1   # resumable
     python -m sb3_dreamer.zoo train --algo dreamer --env LunarLander-v3 --checkpoint-every 1 \\
         --resume logs/dreamer/LunarLander-v3_1                               # continue a stopped run
-    python -m sb3_dreamer.zoo benchmark --algos dreamer ppo --envs CartPole-v1 --seeds 0 1 2
+    python -m sb3_dreamer.zoo benchmark --algos dreamer ppo --envs CartPole-v1 --seeds 0 1 2 \\
+        --n-timesteps 30000 --eval-freq 1000 --eval-episodes 10
 
 The zoo has no plugin hook, so :func:`register` adds Dreamer to its algorithm table and its
 Optuna sampler table, and ``train`` with ``--algo dreamer`` and no ``--conf-file`` reads this

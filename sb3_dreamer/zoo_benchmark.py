@@ -472,7 +472,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-timesteps", type=int, help="env steps per run, the same for every algo (required to run)")
     parser.add_argument("--eval-freq", type=int, default=1000, help="env steps between evaluations")
     parser.add_argument("--eval-episodes", type=int, default=10)
-    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, each pinned to one core")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, each pinned to its own core while free cores remain")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--log-folder", type=Path, default=Path("logs"), help="the zoo's -f (made absolute, so a rerun from another directory finds its runs)")
     parser.add_argument("--out", type=Path, default=Path("zoo_benchmark"))
