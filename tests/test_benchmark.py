@@ -46,8 +46,8 @@ def test_speed_compare_times_every_path_against_the_first():
     )  # fmt: skip
     assert list(results) == ["eager", "eager again"]
     assert results["eager"]["ratio_to_reference"] == 1.0
-    for r in results.values():
-        assert r["ms_per_update_median"] > 0 and r["warmup_s"] > 0 and r["ratio_to_reference"] > 0
+    for r in results.values():  # the same path twice: a ratio far from 1 is a bug, not noise
+        assert r["ms_per_update_median"] > 0 and r["warmup_s"] > 0 and 0.1 < r["ratio_to_reference"] < 10
 
 
 def test_speed_compare_parallel_backward(capsys):

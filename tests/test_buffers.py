@@ -263,8 +263,8 @@ def test_updates_are_owed_only_once_a_batch_can_be_sampled():
     calls = []
     model.train = lambda gradient_steps: calls.append((model.num_timesteps, gradient_steps))  # type: ignore[method-assign]
     model.learn(80)
-    assert model.updates_per_step == 1.0 and calls[0][1] == 8  # one update per env step of the 8 envs
-    assert min(model.replay_buffer.count) >= 8 and all(steps == 8 for _, steps in calls)
+    assert model.updates_per_step == 1.0  # one update per env step: 8 per step of the 8 envs
+    assert calls == [(64, 8), (72, 8), (80, 8)], calls
 
 
 def test_dreamer_rows_on_cartpole():
@@ -390,10 +390,16 @@ def test_dreamer_with_replay_context_stores_and_uses_latents():
     model.learn(100)
     buffer = model.replay_buffer
     assert buffer.latent_dims == (model.policy.world_model.rssm.deter_dim, model.policy.world_model.rssm.stoch_dim)
-    written = buffer.deter[: buffer.count[0], 0]
-    assert np.abs(written).sum(-1).min() > 0 or buffer.is_last[: buffer.count[0], 0].any()
+    rows = buffer.count[0]
+    written, acted = np.asarray(buffer.deter[:rows, 0], np.float32), ~np.asarray(buffer.is_last[:rows, 0], bool)
+    assert acted.sum() > 50 and (np.abs(written[acted]).sum(-1) > 0).all()  # each acting step's latent is stored
     samples = buffer.sample(model.batch_size, model.sequence_length)
     assert samples.context_deter is not None and samples.context_deter.shape == (model.batch_size, buffer.latent_dims[0])
+    # A window that does not start at the column's oldest row starts from the stored latent of the row before it.
+    starts_inside = samples.indices[0][:, 0] > 0
+    assert starts_inside.any() and (samples.context_deter[th.as_tensor(starts_inside)].abs().sum(-1) > 0).all()
+    model.train(1)  # replayed rows get the training posterior's latents
+    assert not np.array_equal(np.asarray(buffer.deter[:rows, 0], np.float32), written)
     assert make_model("CartPole-v1").replay_buffer.latent_dims is None
 
 

@@ -281,4 +281,5 @@ def test_dream_and_plot_of_images(tmp_path, dict_model):
     assert predicted.observations["img"].shape == (1, 7, 1, 12, 12) and predicted.observations["vec"].shape == (1, 7, 2)
     path = plot_dream(tmp_path / "dict.png", obs, predicted, 3, rewards=data.rewards.numpy())
     width, height = struct.unpack(">II", path.read_bytes()[16:24])
-    assert width > 0 and height > 0
+    # One image key (2.6 in high) above 3 series (vec[0], vec[1], reward: 1 row of 3 panels, 3.2 x 2.4 in), title 0.4 in; 100 dpi.
+    assert (width, height) == (960, 540)

@@ -211,6 +211,15 @@ def test_world_model_loss_shapes_and_metrics():
     assert (out.loss >= wm.free_bits * (wm.dyn_scale + wm.rep_scale) - 1e-5).all()
 
 
+def test_world_model_kl_terms_are_clipped_at_free_bits():
+    # Free bits far above any KL of the tiny model: both KL terms are the constant free_bits.
+    wm = make_world_model(free_bits=100.0)
+    out = wm.loss(*fixed_batch(), gamma=0.99)
+    assert out.metrics["dyn_kl"] < 100.0 and out.metrics["rep_kl"] < 100.0
+    heads = out.metrics["rec_loss"] + out.metrics["reward_loss"] + out.metrics["cont_loss"]
+    th.testing.assert_close(out.loss.mean(), heads + 100.0 * (wm.dyn_scale + wm.rep_scale))
+
+
 def test_world_model_overfits_a_fixed_batch():
     th.manual_seed(0)
     wm = make_world_model()
@@ -378,9 +387,10 @@ def test_laprop_state_dict_round_trip():
     assert_state_dicts_equal(restored.state_dict(), optimizer.state_dict())
 
 
-def test_laprop_rejects_negative_hyperparameters():
-    with pytest.raises(ValueError):
-        LaProp([th.nn.Parameter(th.zeros(1))], lr=-1.0)
+@pytest.mark.parametrize("name", ["lr", "eps", "agc", "warmup"])
+def test_laprop_rejects_negative_hyperparameters(name):
+    with pytest.raises(ValueError, match="non-negative"):
+        LaProp([th.nn.Parameter(th.zeros(1))], **{name: -1})
 
 
 # ------------------------------------------------------------------------------------ policy pieces

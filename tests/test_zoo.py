@@ -62,7 +62,7 @@ def test_every_yaml_entry_builds_a_model(env_id):
     assert "n_timesteps" in hyperparams
     kwargs = {k: v for k, v in hyperparams.items() if k not in ZOO_KEYS}
     model = Dreamer(hyperparams["policy"], env_id, **kwargs)
-    assert model.policy is not None
+    assert type(model.policy).__name__ == hyperparams["policy"]
 
 
 def test_optuna_sampler_gives_valid_dreamer_kwargs():
@@ -74,6 +74,7 @@ def test_optuna_sampler_gives_valid_dreamer_kwargs():
     )  # fmt: skip
     kwargs = sample_dreamer_params(trial, n_actions=1, n_envs=1, additional_args={})
     assert kwargs["policy_kwargs"] == {"size": "size400k"} and "size" not in kwargs
+    assert {k: v for k, v in kwargs.items() if k != "policy_kwargs"} == {k: v for k, v in trial.params.items() if k != "size"}
     Dreamer("MlpLatentPolicy", "Pendulum-v1", **kwargs)
     assert convert_dreamer_params({"size": "size1m", "train_ratio": 64}) == {"train_ratio": 64, "policy_kwargs": {"size": "size1m"}}
 
