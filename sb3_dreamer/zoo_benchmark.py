@@ -82,6 +82,34 @@ def hyperparams_file(algo: str) -> Path:
     return Path(rl_zoo3.__file__).parent / "hyperparams" / f"{algo}.yml"
 
 
+def zoo_algos() -> dict:
+    """The zoo's algorithm table with Dreamer registered, and the zoo's envs (e.g. CartPoleNoVel-v1) registered in gymnasium."""
+    import rl_zoo3.import_envs  # noqa: F401
+    from rl_zoo3.utils import ALGOS
+
+    from sb3_dreamer.zoo import register
+
+    register()
+    return ALGOS
+
+
+def argument_errors(args: argparse.Namespace) -> list[str]:
+    """What in a benchmark command would make every run of some (algo, env) fail in the zoo, named
+    before any run starts: an algorithm or env the zoo does not know, a ``--params`` item that is
+    not ``key:value``."""
+    import gymnasium as gym
+
+    algos = zoo_algos()
+    errors = [f"unknown algo {algo!r}; the zoo's algorithms: {', '.join(sorted(algos))}" for algo in args.algos if algo not in algos]
+    for env_id in args.envs:
+        try:
+            gym.spec(env_id)
+        except gym.error.Error as error:
+            errors.append(f"unknown env {env_id!r}: {error}")
+    errors += [f"--params takes key:value items (the zoo's -params), got {item!r}" for item in args.params or [] if ":" not in item]
+    return errors
+
+
 def skip_reason(algo: str, env_id: str) -> str | None:
     """Why the zoo cannot run ``algo`` on ``env_id``, or None if it can: no hyperparameters for the
     env in the algorithm's YAML (neither its entry nor ``default``, as the zoo looks them up), or an
@@ -95,15 +123,11 @@ def skip_reason(algo: str, env_id: str) -> str | None:
         if env_id not in entries and "default" not in entries:
             return f"no hyperparameters for it in {path}"
     import gymnasium as gym
-    import rl_zoo3.import_envs  # noqa: F401  (registers the zoo's envs, e.g. CartPoleNoVel-v1)
-    from rl_zoo3.utils import ALGOS
 
-    from sb3_dreamer.zoo import register
-
-    register()
-    if algo not in ALGOS:
+    algos = zoo_algos()
+    if algo not in algos:
         return None
-    algo_class = ALGOS[algo]
+    algo_class = algos[algo]
     env = gym.make(env_id)
     try:  # SB3 checks the action space before building anything (_init_setup_model=False)
         algo_class(next(iter(algo_class.policy_aliases)), env, device="cpu", _init_setup_model=False)
@@ -485,6 +509,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.n_timesteps is None and not args.report_only:
         parser.error("--n-timesteps is required (the budget of every run), unless --report-only")
+    if not args.report_only and (errors := argument_errors(args)):
+        parser.error("; ".join(errors))
     (args.out / "runs").mkdir(parents=True, exist_ok=True)
 
     pairs = [(a, e) for a in args.algos for e in args.envs]

@@ -164,6 +164,18 @@ def test_grid_runs_started_at_once_log_to_distinct_folders(tmp_path):
     assert len(paths) == 2
 
 
+def test_benchmark_refuses_unknown_algos_envs_and_params_before_any_run(tmp_path, capsys):
+    from sb3_dreamer.zoo_benchmark import main
+
+    bench = ["--seeds", "0", "--n-timesteps", "100", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit):
+        main(["--algos", "dreamer", "foo", "--envs", "CartPole-v1", "NoSuchEnv-v0", "--params", "train_ratio:8", "foo", *bench])
+    err = capsys.readouterr().err
+    assert "unknown algo 'foo'; the zoo's algorithms: a2c" in err and "dreamer" in err and "unknown env 'NoSuchEnv-v0'" in err
+    assert "--params takes key:value items (the zoo's -params), got 'foo'" in err and "train_ratio" not in err
+    assert not (tmp_path / "runs").exists()  # nothing started
+
+
 def test_benchmark_refuses_runs_that_share_a_log_folder():
     from sb3_dreamer.zoo_benchmark import check_distinct_log_paths
 
