@@ -36,9 +36,10 @@ print(json.dumps(sorted(faults)[2]))  # the median update: one update's growth (
 
 @glibc_only
 def test_retained_memory_avoids_page_faults_of_each_update():
-    """The default CPU model (the median of 5 updates after 5): with ``retain_cpu_memory`` an update reuses the memory the previous one
-    freed (almost no page faults); without it glibc returns that memory to the OS and faults it in
-    again (~10,000 faults per update measured on this project's machine)."""
+    """The default CPU model (the median of 5 updates after 5): with ``retain_cpu_memory`` an update
+    reuses the memory the previous one freed (almost no page faults); without it glibc returns that
+    memory to the OS and faults it in again (~5,000-10,000 faults per update measured on this
+    project's machine)."""
     faults = {}
     for option in ("on", "off"):
         run = subprocess.run(
