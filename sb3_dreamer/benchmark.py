@@ -133,12 +133,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--envs", nargs="+", default=["CartPole-v1", "Pendulum-v1"], help=envs_help)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=None, help="env steps per run (default: per-env budget)")
-    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, each pinned to its own core while free cores remain")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, each pinned to its own core while cores remain")
     parser.add_argument("--out", type=Path, default=Path("benchmark_results"))
     parser.add_argument("--kwargs", type=json.loads, default={}, help='Dreamer keyword overrides as JSON, e.g. \'{"train_ratio": 256}\'')
     parser.add_argument("--eval-freq", type=int, default=1000)
     parser.add_argument("--eval-episodes", type=int, default=10)
-    parser.add_argument("--one", nargs=2, metavar=("ENV", "SEED"), help="run one (env, seed) in this process (what --jobs launches per run), writing its JSON under --out")
+    parser.add_argument("--one", nargs=2, metavar=("ENV", "SEED"),
+                        help="run one (env, seed) in this process (what --jobs launches per run), its JSON under --out")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.one:

@@ -83,7 +83,7 @@ def hyperparams_file(algo: str) -> Path:
 
 
 def zoo_algos() -> dict:
-    """The zoo's algorithm table with Dreamer registered, and the zoo's envs (e.g. CartPoleNoVel-v1) registered in gymnasium."""
+    """The zoo's algorithm table with Dreamer registered (the zoo's envs, e.g. CartPoleNoVel-v1, registered too)."""
     import rl_zoo3.import_envs  # noqa: F401
     from rl_zoo3.utils import ALGOS
 
@@ -100,13 +100,15 @@ def argument_errors(args: argparse.Namespace) -> list[str]:
     import gymnasium as gym
 
     algos = zoo_algos()
-    errors = [f"unknown algo {algo!r}; the zoo's algorithms: {', '.join(sorted(algos))}" for algo in args.algos if algo not in algos]
+    known = ", ".join(sorted(algos))
+    errors = [f"unknown algo {algo!r}; the zoo's algorithms: {known}" for algo in args.algos if algo not in algos]
     for env_id in args.envs:
         try:
             gym.spec(env_id)
         except gym.error.Error as error:
             errors.append(f"unknown env {env_id!r}: {error}")
-    errors += [f"--params takes key:value items (the zoo's -params), got {item!r}" for item in args.params or [] if ":" not in item]
+    malformed = [item for item in args.params or [] if ":" not in item]
+    errors += [f"--params takes key:value items (the zoo's -params), got {item!r}" for item in malformed]
     return errors
 
 
@@ -114,7 +116,8 @@ def skip_reason(algo: str, env_id: str) -> str | None:
     """Why the zoo cannot run ``algo`` on ``env_id``, or None if it can: no hyperparameters for the
     env in the algorithm's YAML (neither its entry nor ``default``, as the zoo looks them up), or an
     action space the algorithm does not support (SB3's own check, e.g. DQN on Pendulum, SAC on
-    CartPole). An algorithm the zoo does not know is left to the zoo's own error."""
+    CartPole). An algorithm the zoo does not know is not skipped (the benchmark refuses it up front:
+    :func:`argument_errors`)."""
     path = hyperparams_file(algo)
     if path.exists():
         import yaml
@@ -496,7 +499,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-timesteps", type=int, help="env steps per run, the same for every algo (required to run)")
     parser.add_argument("--eval-freq", type=int, default=1000, help="env steps between evaluations")
     parser.add_argument("--eval-episodes", type=int, default=10)
-    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, each pinned to its own core while free cores remain")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, each pinned to its own core while cores remain")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--log-folder", type=Path, default=Path("logs"), help="the zoo's -f (made absolute, so a rerun from another directory finds its runs)")
     parser.add_argument("--out", type=Path, default=Path("zoo_benchmark"))
