@@ -3,6 +3,7 @@
     python -m sb3_dreamer.zoo train --algo dreamer --env CartPole-v1
     python -m sb3_dreamer.zoo train --algo ppo --env CartPole-v1          # the zoo's PPO and YAML
     python -m sb3_dreamer.zoo enjoy --algo dreamer --env CartPole-v1 -f logs/
+    python -m sb3_dreamer.zoo record_training --algo dreamer --env CartPole-v1 -f logs/ -n 500   # needs train --save-freq
     python -m sb3_dreamer.zoo all_plots -a ppo dreamer -e CartPole-v1 -f logs/
     python -m sb3_dreamer.zoo train --algo dreamer --env CartPole-v1 --optimize --n-trials 20 \\
         --storage sqlite:///dreamer_optuna.db --study-name dreamer_cartpole
@@ -26,13 +27,14 @@ continues a stopped run in its folder from its latest checkpoint to the same bud
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-COMMANDS = ("train", "enjoy", "record_video", "plot_train", "plot_from_file", "all_plots", "benchmark")
+COMMANDS = ("train", "enjoy", "record_video", "record_training", "plot_train", "plot_from_file", "all_plots", "benchmark")
 
 
 def default_config_path() -> Path:
@@ -243,6 +245,54 @@ def with_default_config(argv: list[str]) -> list[str]:
     return list(argv)
 
 
+@contextlib.contextmanager
+def record_video_through_this_entry_point() -> Iterator[None]:
+    """While it lasts, ``subprocess.call(["python", "-m", "rl_zoo3.record_video", ...])`` (how the
+    zoo's ``record_training`` records each model) runs ``python -m sb3_dreamer.zoo record_video ...``
+    with this interpreter instead: a process of the zoo's own would not know ``--algo dreamer``, and
+    ``python`` on the PATH may not be this environment's. Other calls are unchanged."""
+    import subprocess
+
+    call = subprocess.call
+
+    def redirected(args: Any, *rest: Any, **kwargs: Any) -> int:
+        if isinstance(args, list) and args[:3] == ["python", "-m", "rl_zoo3.record_video"]:
+            args = [sys.executable, "-m", "sb3_dreamer.zoo", "record_video", *args[3:]]
+        return call(args, *rest, **kwargs)
+
+    subprocess.call = redirected  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        subprocess.call = call  # type: ignore[assignment]
+
+
+@contextlib.contextmanager
+def ffmpeg_on_path(needed: bool = True) -> Iterator[None]:
+    """While it lasts, an ``ffmpeg`` command on the PATH: the zoo's ``record_training`` runs
+    ``ffmpeg`` by name to caption and join its videos, and fails without it. When the system has
+    none, the binary of ``imageio-ffmpeg`` (which moviepy, the zoo's video writer, installs) is linked
+    as ``ffmpeg`` in a temporary folder put first on the PATH. ``needed=False``: nothing is done."""
+    import shutil
+    import tempfile
+
+    if not needed or shutil.which("ffmpeg") is not None:
+        yield
+        return
+    try:
+        import imageio_ffmpeg
+    except ImportError as error:
+        raise SystemExit("record_training needs ffmpeg: install it (apt install ffmpeg) or `pip install imageio-ffmpeg`") from error
+    path = os.environ.get("PATH", "")
+    with tempfile.TemporaryDirectory(prefix="sb3_dreamer_ffmpeg_") as folder:
+        os.symlink(imageio_ffmpeg.get_ffmpeg_exe(), os.path.join(folder, "ffmpeg"))
+        os.environ["PATH"] = folder + os.pathsep + path
+        try:
+            yield
+        finally:
+            os.environ["PATH"] = path
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
@@ -261,10 +311,11 @@ def main(argv: list[str] | None = None) -> None:
 
         rl_zoo3.train.ExperimentManager = _experiment_manager(checkpoint_every, resume)  # type: ignore[attr-defined]
     sys.argv = [f"sb3_dreamer.zoo {command}", *args]  # the zoo's commands parse sys.argv
-    if command == "record_video":  # a script in the zoo, not a function
+    if command in ("record_video", "record_training"):  # scripts in the zoo, not functions
         import runpy
 
-        runpy.run_module("rl_zoo3.record_video", run_name="__main__", alter_sys=False)
+        with record_video_through_this_entry_point(), ffmpeg_on_path(needed=command == "record_training"):
+            runpy.run_module(f"rl_zoo3.{command}", run_name="__main__", alter_sys=False)
         return
     import importlib
 

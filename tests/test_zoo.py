@@ -92,6 +92,20 @@ def test_train_and_enjoy_through_the_zoo(tmp_path):
     assert "Episode Reward" in out
 
 
+def test_record_training_records_every_checkpoint_of_a_dreamer_run(tmp_path):
+    # The zoo's record_training runs its record_video in new processes ("python -m rl_zoo3.record_video"),
+    # which would not know dreamer; ours runs them through sb3_dreamer.zoo, and finds an ffmpeg.
+    zoo("train", "--algo", "dreamer", "--env", "CartPole-v1", "-n", "200", "--eval-freq", "100", "--eval-episodes", "1",
+        "--n-eval-envs", "1", "--save-freq", "200", "--seed", "0", "--device", "cpu", "-f", "logs",
+        "-params", "learning_starts:100", "train_ratio:16", TINY, cwd=tmp_path)  # fmt: skip
+    zoo("record_training", "--algo", "dreamer", "--env", "CartPole-v1", "-f", "logs", "-n", "10", "--deterministic", cwd=tmp_path)
+    videos = tmp_path / "logs" / "dreamer" / "CartPole-v1_1" / "videos"
+    names = {p.name for p in videos.iterdir()}
+    for model in ("checkpoint-200", "final-model", "best-model"):
+        assert f"{model}-dreamer-CartPole-v1-step-0-to-step-10.mp4" in names, names
+    assert (videos / "training.mp4").stat().st_size > 0  # the joined video (ffmpeg)
+
+
 def test_optimize_with_sqlite_storage(tmp_path):
     # The sampled parameters replace the tiny ones; the zoo seeds its sampler with --seed, and seed 7's
     # first trial is small and quick (size1m, train_ratio 64, B32 x T16, 64 starts, horizon 8), where an
