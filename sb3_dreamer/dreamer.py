@@ -375,6 +375,14 @@ class Dreamer(BaseAlgorithm):
             return th.bfloat16
         return None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """For ``copy.deepcopy`` and ``pickle`` (as they work on SB3's algorithms): the state without
+        what belongs to this process, the ``parallel_backward`` thread and a captured CUDA graph; a
+        copy makes its own on first use."""
+        state = self.__dict__.copy()
+        state.update(_backward_pool=None, _captured_update=None, _updated_shape=None)
+        return state
+
     def _excluded_save_params(self) -> list[str]:
         excluded = ["_last_latent", "_captured_update", "_backward_pool", "_updated_shape", "_replay_normalizer_fit"]
         return [*super()._excluded_save_params(), *excluded]

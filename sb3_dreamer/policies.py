@@ -18,6 +18,7 @@ from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 
 from sb3_dreamer.buffers import action_classes, action_vector_dim, is_image
+from sb3_dreamer.compiled import CompiledMethods
 from sb3_dreamer.dreams import Dream, dream
 from sb3_dreamer.functional import lambda_return
 from sb3_dreamer.networks.actor_critic import Actor, Critic, actor_loss, critic_loss, update_return_percentiles
@@ -62,7 +63,7 @@ def check_observation_space(
         )
 
 
-class DreamerPolicy(BasePolicy):
+class DreamerPolicy(CompiledMethods, BasePolicy):
     """Policy holding the whole Dreamer agent (any supported observation space; the aliases
     :class:`MlpLatentPolicy`, :class:`CnnLatentPolicy` and :class:`MultiInputLatentPolicy` each take one kind).
 
@@ -194,12 +195,12 @@ class DreamerPolicy(BasePolicy):
         if observe_chunk < 1:
             raise ValueError(f"observe_chunk must be a positive number of steps, got {observe_chunk}")
         rssm = self.world_model.rssm
-        rssm.posterior_step = th.compile(rssm.posterior_step, dynamic=False)  # type: ignore[method-assign]
-        rssm.posterior_steps = th.compile(rssm.posterior_steps, dynamic=False)  # type: ignore[method-assign]
+        rssm.compile_method("posterior_step")
+        rssm.compile_method("posterior_steps")
         rssm.observe_chunk = observe_chunk
-        rssm.img_step = th.compile(rssm.img_step, dynamic=False)  # type: ignore[method-assign]
-        self.actor.net.forward = th.compile(self.actor.net.forward, dynamic=False)  # type: ignore[method-assign]
-        self.imagine_step = th.compile(self.imagine_step, dynamic=False)  # type: ignore[method-assign]
+        rssm.compile_method("img_step")
+        self.actor.net.compile_method("forward")
+        self.compile_method("imagine_step")
 
     def compile_losses(self) -> None:
         """``torch.compile`` the loss computations outside the time loops: the world model's heads
@@ -208,11 +209,9 @@ class DreamerPolicy(BasePolicy):
         imagination loop (:meth:`dynamics_objective`), and the critic's losses (:meth:`critic_value_loss`,
         :meth:`replay_value_loss`), forward and backward: their elementwise operations fuse into a few kernels."""
         wm = self.world_model
-        wm.head_losses = th.compile(wm.head_losses, dynamic=False)  # type: ignore[method-assign]
-        self.reinforce_loss = th.compile(self.reinforce_loss, dynamic=False)  # type: ignore[method-assign]
-        self.dynamics_objective = th.compile(self.dynamics_objective, dynamic=False)  # type: ignore[method-assign]
-        self.critic_value_loss = th.compile(self.critic_value_loss, dynamic=False)  # type: ignore[method-assign]
-        self.replay_value_loss = th.compile(self.replay_value_loss, dynamic=False)  # type: ignore[method-assign]
+        wm.compile_method("head_losses")
+        for name in ("reinforce_loss", "dynamics_objective", "critic_value_loss", "replay_value_loss"):
+            self.compile_method(name)
 
     def set_training_mode(self, mode: bool) -> None:
         """SB3's train/eval switch, skipped when already in ``mode``: ``nn.Module.train`` walks every

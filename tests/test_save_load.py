@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import pickle
 from collections import OrderedDict
 from copy import deepcopy
 
@@ -153,6 +154,37 @@ def test_save_exclude_include(tmp_path):
     assert loaded.verbose != 2 and loaded.learning_starts != 7
     model.save(path, exclude=["verbose"], include=["verbose"])
     assert Dreamer.load(path).verbose == 2
+
+
+def test_deepcopy_and_pickle_after_parallel_backward():
+    # SB3's algorithms can be deep-copied (e.g. to keep the best model in memory); ours holds a worker thread.
+    model = make_model("Pendulum-v1", parallel_backward=True)
+    model.learn(100)
+    assert model._backward_pool is not None
+    copied = deepcopy(model)
+    assert copied._backward_pool is None and model._backward_pool is not None
+    assert_state_dicts_equal(copied.policy.state_dict(), model.policy.state_dict())
+    copied.learn(40, reset_num_timesteps=False)  # trains on its own thread
+    assert copied.num_timesteps == 140 and copied._backward_pool is not model._backward_pool
+    unpickled = pickle.loads(pickle.dumps(model))
+    assert_state_dicts_equal(unpickled.policy.state_dict(), model.policy.state_dict())
+
+
+def test_a_copy_of_a_compiled_model_compiles_its_own_methods():
+    # A torch.compile'd method holds the module it was made from: copied as it is, the copy's actor
+    # (and observe and imagine steps) would run the original's weights.
+    model = make_model("Pendulum-v1", compile_steps=True, compile_losses=True)
+    for copied in (deepcopy(model), pickle.loads(pickle.dumps(model))):
+        net, original = copied.policy.actor.net, model.policy.actor.net
+        assert net._compiled_methods == ("forward",) and "forward" in vars(net)
+        assert set(copied.policy._compiled_methods) == set(model.policy._compiled_methods)
+        with th.no_grad():
+            for p in net.parameters():
+                p.add_(0.5)
+            feat = th.randn(3, copied.policy.world_model.rssm.feat_dim)
+            expected = type(net).forward(net, feat)  # eager, the copy's weights
+            np.testing.assert_allclose(net(feat).numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
+            assert not th.allclose(original(feat), expected)
 
 
 def test_save_to_file_object():

@@ -13,6 +13,8 @@ import math
 import torch as th
 from torch import nn
 
+from sb3_dreamer.compiled import CompiledMethods
+
 
 def init_linear_(weight: th.Tensor, fan_in: int, scale: float = 1.0) -> None:
     """Truncated-normal fan-in initialisation, std ``scale * 1.1368 / sqrt(fan_in)`` (unit variance after truncation)."""
@@ -90,7 +92,7 @@ class BlockLinear(nn.Module):
         return y.reshape(*lead, -1) + self.bias
 
 
-class MLP(nn.Sequential):
+class MLP(CompiledMethods, nn.Sequential):
     """``layers`` x NormLinear(units), then an optional Linear(out_features, outscale): [..., in] -> [..., out]."""
 
     def __init__(self, in_features: int, units: int, layers: int, out_features: int | None = None, outscale: float = 1.0):

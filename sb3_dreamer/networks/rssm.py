@@ -20,6 +20,7 @@ import torch as th
 import torch.nn.functional as F
 from torch import nn
 
+from sb3_dreamer.compiled import CompiledMethods
 from sb3_dreamer.distributions import gumbel_noise, sample_onehot
 from sb3_dreamer.functional import unimix_logits
 from sb3_dreamer.networks.layers import MLP, BlockLinear, Linear, NormLinear, RMSNorm, init_linear_
@@ -33,7 +34,7 @@ class GRUWeights(NamedTuple):
     action: th.Tensor  # [hidden, D]: the rows for in(a)
 
 
-class RSSM(nn.Module):
+class RSSM(CompiledMethods, nn.Module):
     """Block-GRU RSSM.
 
     :param embed_dim: E, size of the observation embedding

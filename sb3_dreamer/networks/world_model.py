@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from gymnasium import spaces
 from torch import nn
 
+from sb3_dreamer.compiled import CompiledMethods
 from sb3_dreamer.functional import categorical_kl, kl_free_bits, twohot_bins, twohot_loss, twohot_mean
 from sb3_dreamer.networks.decoders import MultiDecoder
 from sb3_dreamer.networks.encoders import MultiEncoder
@@ -32,7 +33,7 @@ class WorldModelOutput(NamedTuple):
     metrics: dict[str, th.Tensor]
 
 
-class WorldModel(nn.Module):
+class WorldModel(CompiledMethods, nn.Module):
     """Encoder, RSSM, decoder and reward/continue heads.
 
     :param observation_space: (channel-first) observation space: Box vector, Box image or Dict of them
