@@ -47,8 +47,8 @@ from sb3_dreamer.type_aliases import SequenceSamples
 OBS_KEY = "obs"  # the key a non-Dict observation goes by, where observations are handled per key
 
 
-def observation_subspaces(observation_space: spaces.Space) -> dict[str, spaces.Box]:
-    """The Box parts of an observation space by key: a Dict's subspaces, or ``{OBS_KEY: box}`` for a Box."""
+def observation_subspaces(observation_space: spaces.Space) -> dict[str, spaces.Space]:
+    """The parts of an observation space by key: a Dict's subspaces, or ``{OBS_KEY: space}`` for another space."""
     if isinstance(observation_space, spaces.Dict):
         return dict(observation_space.spaces)  # type: ignore[arg-type]
     return {OBS_KEY: observation_space}  # type: ignore[dict-item]
@@ -60,8 +60,9 @@ def is_image(space: spaces.Space, normalize_images: bool = True) -> bool:
     return is_image_space(space, check_channels=False, normalized_image=not normalize_images)
 
 
-def storage_dtype(space: spaces.Box) -> type[np.generic]:
-    """dtype an observation is stored in: uint8 for uint8 spaces (images), float32 otherwise."""
+def storage_dtype(space: spaces.Space) -> type[np.generic]:
+    """dtype an observation is stored in: uint8 for uint8 spaces (images), float32 otherwise (discrete
+    values too: exact below 2**24)."""
     return np.uint8 if space.dtype == np.uint8 else np.float32
 
 
@@ -130,7 +131,7 @@ class SequenceReplayBuffer:
     """Replay of env steps, sampled as [B, T] windows.
 
     :param buffer_size: total number of rows over all env columns (each column holds ``buffer_size // n_envs``)
-    :param observation_space: observation space: Box (vector or image) or Dict of Boxes; observations
+    :param observation_space: observation space: Box (vector or image), Discrete, MultiDiscrete, MultiBinary or a Dict of them; observations
         are stored in their own shape, uint8 for uint8 spaces and float32 otherwise (see module docstring)
     :param action_space: action space (actions are stored as vectors, see :func:`action_vector_dim`)
     :param device: device the sampled tensors are put on

@@ -92,10 +92,20 @@ def dream(
     )
 
 
-def to_observation_units(pred: th.Tensor, space: spaces.Box, image: bool, normalize_images: bool) -> np.ndarray:
-    """A decoder prediction (model inputs' space) [B, T, ...] -> the observation's units and shape [B, T, *shape]."""
+def to_observation_units(pred: th.Tensor, space: spaces.Space, image: bool, normalize_images: bool) -> np.ndarray:
+    """A decoder prediction (model inputs' space) [B, T, ...] -> the observation's units and shape [B, T, *shape]
+    (a discrete key's most likely values: the largest of each one-hot, the bits above 0.5)."""
     if not image:
-        return symexp(pred.float()).reshape(*pred.shape[:2], *space.shape).cpu().numpy()
+        values = symexp(pred.float())
+        if isinstance(space, spaces.Discrete):
+            return (values.argmax(-1) + int(space.start)).cpu().numpy()
+        if isinstance(space, spaces.MultiDiscrete):
+            parts = values.split([int(n) for n in space.nvec.reshape(-1)], -1)
+            chosen = th.stack([part.argmax(-1) for part in parts], -1).cpu().numpy() + space.start.reshape(-1)
+            return chosen.reshape(*pred.shape[:2], *space.shape).astype(space.dtype)
+        if isinstance(space, spaces.MultiBinary):
+            return (values > 0.5).reshape(*pred.shape[:2], *space.shape).cpu().numpy().astype(space.dtype)
+        return values.reshape(*pred.shape[:2], *space.shape).cpu().numpy()
     pred = resize_images(pred.float(), space.shape[-2:])  # back from the model's image_size
     pred = pred * 255.0 if normalize_images else pred
     if space.dtype == np.uint8:

@@ -22,6 +22,7 @@ from sb3_dreamer.compiled import CompiledMethods
 from sb3_dreamer.dreams import Dream, dream
 from sb3_dreamer.functional import lambda_return
 from sb3_dreamer.networks.actor_critic import Actor, Critic, actor_loss, critic_loss, update_return_percentiles
+from sb3_dreamer.networks.encoders import DISCRETE_SPACES
 from sb3_dreamer.networks.rssm import GRUWeights
 from sb3_dreamer.networks.world_model import WorldModel
 from sb3_dreamer.optimizers import LaProp
@@ -33,19 +34,22 @@ POLICY_FOR_KIND = {"vector": "MlpLatentPolicy", "image": "CnnLatentPolicy", "dic
 
 
 def observation_kind(observation_space: spaces.Space, normalize_images: bool = True) -> str:
-    """"vector" (Box), "image" (a Box SB3 sees as an image, see :func:`~sb3_dreamer.buffers.is_image`)
-    or "dict" (Dict of Boxes); ValueError naming the space for anything else."""
+    """"vector" (a Box, or a Discrete, MultiDiscrete or MultiBinary space, seen as one-hots or bits),
+    "image" (a Box SB3 sees as an image, see :func:`~sb3_dreamer.buffers.is_image`) or "dict" (a Dict
+    of those); ValueError naming the space for anything else."""
+    supported = (spaces.Box, *DISCRETE_SPACES)
     if isinstance(observation_space, spaces.Dict):
-        others = {key: sub for key, sub in observation_space.spaces.items() if not isinstance(sub, spaces.Box)}
+        others = {key: sub for key, sub in observation_space.spaces.items() if not isinstance(sub, supported)}
         if others or not observation_space.spaces:
             raise ValueError(
-                f"Dreamer supports Dict observation spaces whose values are all Box spaces (vectors or images), got "
-                f"{observation_space}" + (f" with non-Box keys {others}" if others else "")
+                "Dreamer supports Dict observation spaces whose values are Box (vectors or images), Discrete, "
+                f"MultiDiscrete or MultiBinary spaces, got {observation_space}" + (f" with other keys {others}" if others else "")
             )
         return "dict"
-    if not isinstance(observation_space, spaces.Box):
+    if not isinstance(observation_space, supported):
         raise ValueError(
-            f"Dreamer supports Box (vector or image) and Dict (of Box) observation spaces, got {observation_space}"
+            "Dreamer supports Box (vector or image), Discrete, MultiDiscrete, MultiBinary and Dict (of those) "
+            f"observation spaces, got {observation_space}"
         )
     return "image" if is_image(observation_space, normalize_images) else "vector"
 
@@ -67,7 +71,7 @@ class DreamerPolicy(CompiledMethods, BasePolicy):
     """Policy holding the whole Dreamer agent (any supported observation space; the aliases
     :class:`MlpLatentPolicy`, :class:`CnnLatentPolicy` and :class:`MultiInputLatentPolicy` each take one kind).
 
-    :param observation_space: Box (vector or channel-first image) or Dict of Box observation space
+    :param observation_space: Box (vector or channel-first image), Discrete, MultiDiscrete, MultiBinary, or a Dict of them
     :param action_space: Discrete, MultiDiscrete, MultiBinary or bounded Box action space
     :param lr_schedule: learning rate schedule (of the single optimiser)
     :param size: size preset name (see :mod:`sb3_dreamer.presets`)
@@ -493,7 +497,8 @@ def frozen(*modules: th.nn.Module) -> Iterator[None]:
 
 
 class MlpLatentPolicy(DreamerPolicy):
-    """Dreamer policy for vector (Box) observations: symlog MLP encoder and decoder."""
+    """Dreamer policy for vector observations (Box; Discrete, MultiDiscrete and MultiBinary as one-hots and
+    bits): symlog MLP encoder and decoder."""
 
     observation_kinds = ("vector",)
 
@@ -506,7 +511,8 @@ class CnnLatentPolicy(DreamerPolicy):
 
 
 class MultiInputLatentPolicy(DreamerPolicy):
-    """Dreamer policy for Dict observations of image and vector Box keys: a CNN per group of image
+    """Dreamer policy for Dict observations of image keys and vector keys (Box, Discrete, MultiDiscrete,
+    MultiBinary): a CNN per group of image
     keys of one size, a symlog MLP over the vector keys, one decoder per kind for the ``decoder_keys``."""
 
     observation_kinds = ("dict",)

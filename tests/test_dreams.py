@@ -5,8 +5,11 @@ import struct
 import numpy as np
 import pytest
 import torch as th
+from gymnasium import spaces
 
-from sb3_dreamer.dreams import DreamCallback, plot_dream, within_one_episode
+from sb3_dreamer.dreams import DreamCallback, plot_dream, to_observation_units, within_one_episode
+from sb3_dreamer.functional import symlog
+from sb3_dreamer.networks.encoders import vector_values
 
 from .helpers import counting_env, make_model
 
@@ -81,3 +84,18 @@ def test_dream_callback_warns_when_episodes_are_shorter_than_its_window():
     model = make_model(counting_env(max_episode_steps=5), seed=0)
     with pytest.warns(UserWarning, match="stays inside one episode"):
         model.learn(120, callback=DreamCallback(log_freq=100, sequence_length=12, context=4))
+
+
+@pytest.mark.parametrize(
+    "space",
+    [spaces.Discrete(4, start=1), spaces.MultiDiscrete([2, 3], start=[0, -1]), spaces.MultiBinary(3), spaces.Box(-2, 2, (2, 3))],
+    ids=["discrete", "multidiscrete", "multibinary", "box"],
+)
+def test_predictions_in_model_units_map_back_to_observations(space):
+    # The decoder predicts symlog(vector_values(obs)); a perfect prediction maps back to the observation.
+    space.seed(0)
+    obs = np.stack([space.sample() for _ in range(6)]).reshape(2, 3, *space.shape)
+    pred = symlog(vector_values(th.as_tensor(obs, dtype=th.float32), space))
+    back = to_observation_units(pred, space, image=False, normalize_images=True)
+    assert back.shape == obs.shape
+    np.testing.assert_allclose(back, obs, rtol=1e-5, atol=1e-5)

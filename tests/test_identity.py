@@ -16,14 +16,16 @@ MultiDiscrete rewards only a joint match of both components, and when it is lear
 the seed: evaluated every 500 steps with the code of commit af23816, seed 0 crossed 12 at 3,500
 steps (17.8, then 17-18.5 to 5,000), seed 2 at 3,000 (then 20), and seed 1 stayed below 5 up to
 5,000. At 3,000 steps seed 0 sat on the edge (9.2), so the test runs 4,000.
+
+The envs are SB3's own, their observations of the action's space included (Dreamer sees a Discrete or
+MultiDiscrete observation as one-hots, a MultiBinary one as bits). Those figures were measured with the
+observations converted to such vectors by a wrapper; the native spaces train to the same weights
+(bit-identical after 400 steps of each, checked when they became supported).
 """
 
 from __future__ import annotations
 
-import gymnasium as gym
-import numpy as np
 import pytest
-from gymnasium import spaces
 from stable_baselines3.common.envs import IdentityEnv, IdentityEnvBox, IdentityEnvMultiBinary, IdentityEnvMultiDiscrete
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.monitor import Monitor
@@ -35,28 +37,6 @@ POLICY_KWARGS = dict(deter=32, hidden=16, units=32, classes=4, stoch=4, blocks=2
 KWARGS = dict(
     train_ratio=64, batch_size=8, sequence_length=8, learning_rate=1e-3, imagination_horizon=5, learning_starts=200
 )  # one update per env step
-
-
-class BoxObservation(gym.ObservationWrapper):
-    """Discrete / MultiDiscrete observations as concatenated one-hot vectors, MultiBinary ones as floats
-    (Dreamer takes Box observations)."""
-
-    def __init__(self, env: gym.Env) -> None:
-        super().__init__(env)
-        space = env.observation_space
-        if isinstance(space, spaces.Discrete):
-            self.classes = [int(space.n)]
-        elif isinstance(space, spaces.MultiDiscrete):
-            self.classes = [int(n) for n in space.nvec]
-        else:
-            self.classes = None
-        size = sum(self.classes) if self.classes is not None else int(np.prod(space.shape))
-        self.observation_space = spaces.Box(0.0, 1.0, (size,), np.float32)
-
-    def observation(self, observation: np.ndarray | int) -> np.ndarray:
-        if self.classes is None:
-            return np.asarray(observation, dtype=np.float32).reshape(-1)
-        return np.concatenate([np.eye(n, dtype=np.float32)[v] for v, n in zip(np.atleast_1d(observation), self.classes)])
 
 
 @pytest.mark.parametrize(
@@ -71,7 +51,7 @@ class BoxObservation(gym.ObservationWrapper):
 )
 @pytest.mark.filterwarnings("ignore:Dreamer will run this learn:UserWarning")  # the suggestion to compile long CPU runs
 def test_identity(make_env, steps, threshold):
-    model = Dreamer("MlpLatentPolicy", BoxObservation(make_env()), policy_kwargs=POLICY_KWARGS, seed=0, **KWARGS)
+    model = Dreamer("MlpLatentPolicy", make_env(), policy_kwargs=POLICY_KWARGS, seed=0, **KWARGS)
     model.learn(steps)
-    mean, _ = evaluate_policy(model, Monitor(BoxObservation(make_env())), n_eval_episodes=10, deterministic=True)
+    mean, _ = evaluate_policy(model, Monitor(make_env()), n_eval_episodes=10, deterministic=True)
     assert mean >= threshold, f"identity task not learned: mean return {mean} < {threshold}"

@@ -254,8 +254,8 @@ VECTOR = spaces.Box(-1, 1, (3,), dtype=np.float32)
         ("MlpLatentPolicy", spaces.Dict(img=IMAGE, vec=VECTOR), "use MultiInputLatentPolicy"),
         ("CnnLatentPolicy", spaces.Dict(img=IMAGE), "use MultiInputLatentPolicy"),
         ("MultiInputPolicy", spaces.Dict(img=IMAGE, inner=spaces.Dict(vec=VECTOR)), "Dict"),
-        ("MultiInputPolicy", spaces.Dict(img=IMAGE, n=spaces.Discrete(3)), "Discrete"),
-        ("CnnPolicy", spaces.Discrete(3), "Discrete"),
+        ("MultiInputPolicy", spaces.Dict(img=IMAGE, t=spaces.Tuple([spaces.Discrete(3)])), "Tuple"),
+        ("CnnPolicy", spaces.Discrete(3), "use MlpLatentPolicy"),
     ],
 )
 def test_unsupported_observation_spaces_raise(policy, space, match):

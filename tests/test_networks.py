@@ -12,6 +12,7 @@ from torch import distributions as D
 from sb3_dreamer.distributions import BoundedNormal, OneHotCategorical, gumbel_noise, sample_onehot, straight_through
 from sb3_dreamer.functional import twohot
 from sb3_dreamer.networks.actor_critic import Actor, Critic, critic_loss, update_return_percentiles
+from sb3_dreamer.networks.encoders import vector_size, vector_values
 from sb3_dreamer.networks.layers import BlockLinear, NormLinear
 from sb3_dreamer.optimizers import LaProp
 from sb3_dreamer.policies import DreamerPolicy
@@ -467,3 +468,20 @@ def test_sample_onehot_with_given_noise_is_gumbel_max():
     (sample * th.arange(5.0)).sum().backward()
     th.testing.assert_close(log_probs.grad, (log_probs.exp() * th.arange(5.0)).detach())  # d exp(log p) / d log p
     assert gumbel_noise((200_000,)).mean().item() == pytest.approx(0.5772, abs=0.01)
+
+
+
+def test_discrete_observations_become_one_hots_and_bits():
+    # [B=2, T=1] as replay stores them (float32); classes counted from the space's start.
+    discrete = spaces.Discrete(3, start=-1)
+    assert vector_size(discrete) == 3
+    assert th.equal(vector_values(th.tensor([[-1.0], [1.0]]), discrete), th.tensor([[[1.0, 0, 0]], [[0, 0, 1.0]]]))
+    multi = spaces.MultiDiscrete([2, 3], start=[0, 5])
+    assert vector_size(multi) == 5
+    assert th.equal(vector_values(th.tensor([[[1.0, 5.0]], [[0.0, 7.0]]]), multi),
+                    th.tensor([[[0, 1.0, 1.0, 0, 0]], [[1.0, 0, 0, 0, 1.0]]]))  # fmt: skip
+    bits = spaces.MultiBinary([2, 2])
+    assert vector_size(bits) == 4
+    assert th.equal(vector_values(th.tensor([[[[1.0, 0], [0, 1.0]]]]), bits), th.tensor([[[1.0, 0, 0, 1.0]]]))
+    box = spaces.Box(-1, 1, (2, 3))
+    assert vector_size(box) == 6 and vector_values(th.ones(4, 5, 2, 3), box).shape == (4, 5, 6)

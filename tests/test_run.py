@@ -12,15 +12,13 @@ from gymnasium import spaces
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.envs import (
     FakeImageEnv,
-    IdentityEnvMultiBinary,
-    IdentityEnvMultiDiscrete,
     SimpleMultiObsEnv,
 )
 from stable_baselines3.common.vec_env import SubprocVecEnv
 
 from sb3_dreamer import Dreamer
 
-from .helpers import SpaceEnv, make_model, time_limited
+from .helpers import TINY_KWARGS, TINY_POLICY_KWARGS, SpaceEnv, make_model, time_limited
 
 VECTOR_OBS = spaces.Box(-1.0, 1.0, shape=(3,), dtype=np.float32)
 
@@ -89,6 +87,35 @@ def test_smoke_learn_discrete_action_kinds(action_space):
     assert all(action_space.contains(a) for a in actions)
 
 
+@pytest.mark.parametrize(
+    "observation_space",
+    [
+        spaces.Discrete(4, start=1),
+        spaces.MultiDiscrete([2, 3]),
+        spaces.MultiBinary(3),
+        spaces.Dict({"v": VECTOR_OBS, "cell": spaces.Discrete(4), "bits": spaces.MultiBinary(2)}),
+    ],
+    ids=["discrete", "multidiscrete", "multibinary", "dict-mixed"],
+)
+def test_smoke_learn_discrete_observation_kinds(observation_space):
+    # As SB3's algorithms take them (FrozenLake, Taxi, the identity envs): one-hots and bits for the model.
+    env = SpaceEnv(observation_space, spaces.Discrete(2))
+    policy = "MultiInputLatentPolicy" if isinstance(observation_space, spaces.Dict) else "MlpLatentPolicy"
+    model = Dreamer(policy, env, policy_kwargs=TINY_POLICY_KWARGS, **{**TINY_KWARGS, "learning_starts": 20, "seed": 0})
+    model.learn(50)
+    assert model._n_updates > 0
+    observation_space.seed(0)
+    obs = [observation_space.sample() for _ in range(6)]
+    action, state = model.predict(obs[0], deterministic=True)
+    assert env.action_space.contains(int(action))
+    stacked = {k: np.stack([o[k] for o in obs]) for k in obs[0]} if isinstance(obs[0], dict) else np.stack(obs)
+    dream = model.policy.dream(stacked, np.zeros((6, model.policy.action_dim), np.float32), context=2)
+    for key, space in (observation_space.spaces.items() if isinstance(obs[0], dict) else [(None, observation_space)]):
+        predicted = dream.observations[key] if key is not None else dream.observations
+        assert predicted.shape == (1, 4, *space.shape)
+        assert all(space.contains(p.astype(space.dtype)) for p in predicted[0]), (key, predicted)
+
+
 def test_smoke_learn_progress_bar():
     make_model("Pendulum-v1", learning_starts=20).learn(40, progress_bar=True)
 
@@ -151,14 +178,14 @@ def test_learning_rate_schedule():
 @pytest.mark.parametrize(
     "env, space_name",
     [
-        (IdentityEnvMultiDiscrete(dim=2), "MultiDiscrete"),  # as observations
-        (IdentityEnvMultiBinary(dim=2), "MultiBinary"),
+        (SpaceEnv(spaces.Tuple([spaces.Discrete(2), VECTOR_OBS]), spaces.Discrete(2)), "Tuple"),  # as observations
+        (SpaceEnv(spaces.Dict({"v": VECTOR_OBS, "t": spaces.Text(5)}), spaces.Discrete(2)), "Text"),
         (SpaceEnv(VECTOR_OBS, spaces.Tuple([spaces.Discrete(2), spaces.Discrete(3)])), "Tuple"),
         (SpaceEnv(VECTOR_OBS, spaces.Box(-np.inf, np.inf, shape=(2,), dtype=np.float32)), "finite bounds"),
         (SimpleMultiObsEnv(), "Dict"),
         (FakeImageEnv(screen_height=40, screen_width=40, n_channels=2), "CnnLatentPolicy"),
     ],
-    ids=["multidiscrete-obs", "multibinary-obs", "tuple-action", "unbounded-box-action", "dict-obs", "image-obs"],
+    ids=["tuple-obs", "dict-obs-with-text", "tuple-action", "unbounded-box-action", "dict-obs", "image-obs"],
 )
 def test_unsupported_spaces_raise(env, space_name):  # space_name: the space, or the fix the message names
     with pytest.raises(ValueError, match=space_name):

@@ -12,7 +12,6 @@ channels and SiLU but the last, which outputs the image channels at S x S.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch as th
@@ -21,7 +20,7 @@ from gymnasium import spaces
 from torch import nn
 
 from sb3_dreamer.buffers import observation_subspaces
-from sb3_dreamer.networks.encoders import MIN_RESOLUTION, conv_stages, split_keys
+from sb3_dreamer.networks.encoders import MIN_RESOLUTION, conv_stages, split_keys, vector_size
 from sb3_dreamer.networks.layers import MLP, ChannelRMSNorm, Linear, init_linear_
 
 
@@ -95,7 +94,7 @@ class MultiDecoder(nn.Module):
                 )
             subspaces = {key: space for key, space in subspaces.items() if key in keys}
         self.vector_keys, self.image_groups = split_keys(subspaces, normalize_images)
-        self.vector_sizes = [math.prod(subspaces[key].shape) for key in self.vector_keys]
+        self.vector_sizes = [vector_size(subspaces[key]) for key in self.vector_keys]
         self.mlp = MLP(feat_dim, units, layers, sum(self.vector_sizes)) if self.vector_keys else None
         self.image_channels = [[subspaces[key].shape[0] for key in group] for group in self.image_groups]
         self.cnns = nn.ModuleList(ConvDecoder(feat_dim, sum(c), depth, image_size) for c in self.image_channels)

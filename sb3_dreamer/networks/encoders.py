@@ -6,7 +6,9 @@ channel-last envs with ``VecTransposeImage``), uint8 or float; vectors [..., *sh
 observation as a dict of them (a Box one is the single key ``OBS_KEY``). :meth:`MultiEncoder.prepare`
 turns them into the model's inputs once per batch, shared by the encoder and the decoder's targets:
 
-- vector key: ``symlog(x)``, flattened to [..., O_k];
+- vector key: ``symlog(x)``, flattened to [..., O_k]; a discrete key's values first become floats
+  (:func:`vector_values`): a Discrete's one-hot, a MultiDiscrete's one-hots side by side, a
+  MultiBinary's bits;
 - image key: ``x / 255`` with ``normalize_images`` (as SB3; else ``x`` as stored, as floats),
   resized (bilinear, antialiased) to ``image_size`` x ``image_size``: [..., C_k, S, S].
 
@@ -50,6 +52,32 @@ def resize_images(x: th.Tensor, size: int | tuple[int, int]) -> th.Tensor:
     lead = x.shape[:-3]
     x = F.interpolate(x.reshape(-1, *x.shape[-3:]), size=size, mode="bilinear", antialias=True, align_corners=False)
     return x.reshape(*lead, *x.shape[-3:])
+
+
+DISCRETE_SPACES = (spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
+
+
+def vector_size(space: spaces.Space) -> int:
+    """O_k, the size of a vector key as the model sees it (:func:`vector_values`): a Box's values, a
+    Discrete's classes, the sum of a MultiDiscrete's classes, a MultiBinary's bits."""
+    if isinstance(space, spaces.Discrete):
+        return int(space.n)
+    if isinstance(space, spaces.MultiDiscrete):
+        return int(space.nvec.sum())
+    return math.prod(space.shape)
+
+
+def vector_values(x: th.Tensor, space: spaces.Space) -> th.Tensor:
+    """A stored vector observation [..., *shape] -> floats [..., O_k] (before symlog): a Box's values
+    flattened; a Discrete's one-hot (classes from ``start``); a MultiDiscrete's one-hots, one per
+    component in order, side by side; a MultiBinary's bits."""
+    lead = x.shape[: x.dim() - len(space.shape)]
+    if isinstance(space, spaces.Discrete):
+        return F.one_hot(x.long() - int(space.start), int(space.n)).float()
+    if isinstance(space, spaces.MultiDiscrete):
+        x = x.long().reshape(*lead, -1) - th.as_tensor(space.start.reshape(-1), device=x.device)
+        return th.cat([F.one_hot(x[..., i], int(n)) for i, n in enumerate(space.nvec.reshape(-1))], -1).float()
+    return x.float().reshape(*lead, -1)
 
 
 def split_keys(subspaces: dict[str, spaces.Box], normalize_images: bool = True) -> tuple[list[str], list[list[str]]]:
@@ -124,7 +152,7 @@ class MultiEncoder(nn.Module):
         self.image_size, self.normalize_images = image_size, normalize_images
         self.vector_keys, self.image_groups = split_keys(self.subspaces, normalize_images)
         self.image_keys = [key for group in self.image_groups for key in group]
-        vector_dim = sum(math.prod(self.subspaces[key].shape) for key in self.vector_keys)
+        vector_dim = sum(vector_size(self.subspaces[key]) for key in self.vector_keys)
         self.mlp = MLP(vector_dim, units, layers) if self.vector_keys else None
         self.cnns = nn.ModuleList(
             ConvEncoder(sum(self.subspaces[key].shape[0] for key in group), depth, image_size) for group in self.image_groups
@@ -137,8 +165,7 @@ class MultiEncoder(nn.Module):
         obs = obs if isinstance(obs, dict) else {OBS_KEY: obs}
         inputs = {}
         for key in self.vector_keys:
-            x, shape = obs[key].float(), self.subspaces[key].shape
-            inputs[key] = symlog(x if len(shape) == 1 else x.reshape(*x.shape[: x.dim() - len(shape)], -1))
+            inputs[key] = symlog(vector_values(obs[key], self.subspaces[key]))
         for key in self.image_keys:
             x = obs[key].float()
             inputs[key] = resize_images(x / 255.0 if self.normalize_images else x, self.image_size)
