@@ -512,7 +512,7 @@ class CnnLatentPolicy(DreamerPolicy):
 
 class MultiInputLatentPolicy(DreamerPolicy):
     """Dreamer policy for Dict observations of image keys and vector keys (Box, Discrete, MultiDiscrete,
-    MultiBinary): a CNN per group of image
-    keys of one size, a symlog MLP over the vector keys, one decoder per kind for the ``decoder_keys``."""
+    MultiBinary): a CNN per group of image keys of one size, a symlog MLP over the vector keys, one
+    decoder per kind for the ``decoder_keys``."""
 
     observation_kinds = ("dict",)
