@@ -15,6 +15,7 @@ import pathlib
 import sys
 import time
 import warnings
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, TypeVar
 
@@ -40,6 +41,7 @@ from sb3_dreamer.policies import (
     MultiInputLatentPolicy,
     check_observation_space,
 )
+from sb3_dreamer.save_util import replaced_when_complete
 from sb3_dreamer.type_aliases import ActorLosses, LatentState, SequenceSamples
 
 SelfDreamer = TypeVar("SelfDreamer", bound="Dreamer")
@@ -427,9 +429,23 @@ class Dreamer(BaseAlgorithm):
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
         return ["policy", "policy.optimizer"], []
 
+    def save(
+        self,
+        path: str | pathlib.Path | io.BufferedIOBase,
+        exclude: Iterable[str] | None = None,
+        include: Iterable[str] | None = None,
+    ) -> None:
+        """SB3's ``save``, written so that a file already at ``path`` is replaced only by a complete
+        new one (a save stopped midway leaves the previous model; see
+        :func:`~sb3_dreamer.save_util.replaced_when_complete`)."""
+        with replaced_when_complete(path, "zip") as target:
+            super().save(target, exclude=exclude, include=include)
+
     def save_replay_buffer(self, path: str | pathlib.Path | io.BufferedIOBase) -> None:
-        """Pickle the replay buffer (as SB3's off-policy algorithms do)."""
-        save_to_pkl(path, self.replay_buffer, self.verbose)
+        """Pickle the replay buffer (as SB3's off-policy algorithms do); a file already at ``path`` is
+        replaced only by a complete new one, as in :meth:`save`."""
+        with replaced_when_complete(path, "pkl") as target:
+            save_to_pkl(target, self.replay_buffer, self.verbose)
 
     def load_replay_buffer(self, path: str | pathlib.Path | io.BufferedIOBase, truncate_last_traj: bool = True) -> None:
         """Load a pickled replay buffer.

@@ -187,6 +187,35 @@ def test_a_copy_of_a_compiled_model_compiles_its_own_methods():
             assert not th.allclose(original(feat), expected)
 
 
+def test_a_save_stopped_midway_leaves_the_previous_files(tmp_path, monkeypatch):
+    import stable_baselines3.common.base_class as base_class
+    from stable_baselines3.common import save_util
+
+    model = make_model("CartPole-v1", learning_starts=20)
+    model.learn(30)
+    model.save(tmp_path / "model")  # SB3's suffix rule: model.zip
+    model.save_replay_buffer(tmp_path / "replay")  # replay.pkl
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert set(before) == {"model.zip", "replay.pkl"}
+
+    def stopped(path, *args, **kwargs):  # writes part of the file, then fails (a full disk, an error, a kill)
+        with open(path, "wb") as f:
+            f.write(b"PK partial")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(base_class, "save_to_zip_file", stopped)
+    monkeypatch.setattr(save_util.pickle, "dump", lambda obj, file, protocol=None: (file.write(b"partial"), stopped(file.name)))
+    model.learn(10, reset_num_timesteps=False)
+    for save, name in ((model.save, "model"), (model.save_replay_buffer, "replay")):
+        with pytest.raises(OSError, match="No space left"):
+            save(tmp_path / name)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # intact, and no partial files left
+    monkeypatch.undo()
+    assert Dreamer.load(tmp_path / "model.zip").num_timesteps == 30
+    model.save(tmp_path / "model.zip")  # a complete save replaces the file
+    assert Dreamer.load(tmp_path / "model.zip").num_timesteps == 40 and len(list(tmp_path.iterdir())) == 2
+
+
 def test_save_to_file_object():
     model = make_model("CartPole-v1")
     buffer = io.BytesIO()
