@@ -5,7 +5,8 @@
         --resume logs/dreamer/LunarLander-v3_1          # the same budget (-n); continues where it stopped
 
 A checkpoint is taken right after an evaluation, so a resumed run evaluates at the same env steps
-as an uninterrupted one. It is a folder ``<run>/checkpoint_<steps>/`` holding ``model.zip``,
+as an uninterrupted one. It is a folder ``<run>/checkpoint_<steps>/`` holding ``model.zip`` (also
+linked as ``<run>/rl_model_<steps>_steps.zip``, where the zoo's ``enjoy --load-last-checkpoint`` looks),
 ``replay_buffer.pkl`` (off-policy algorithms and Dreamer), ``<Env>/vecnormalize.pkl`` (when the
 env is normalised) and, written last, ``progress.json``: a folder without it is incomplete and
 ignored. Older checkpoints are deleted once a newer one is complete, so a stop at any moment leaves
@@ -25,6 +26,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -123,10 +125,39 @@ class CheckpointAfterEvaluation(BaseCallback):
         tmp = folder / (PROGRESS + ".tmp")
         tmp.write_text(json.dumps(progress))
         os.replace(tmp, folder / PROGRESS)  # the checkpoint is complete from here on
+        link_as_zoo_checkpoint(folder)
         for old in self.run_folder.glob("checkpoint_*"):
             if old != folder:
+                unlink_zoo_checkpoint(old)
                 shutil.rmtree(old)
         return folder
+
+
+def zoo_checkpoint_path(checkpoint: Path) -> Path:
+    """Where the zoo looks for a checkpoint's model (``enjoy`` / ``record_video`` ``--load-checkpoint
+    <steps>`` or ``--load-last-checkpoint``, ``record_training``): ``<run>/rl_model_<steps>_steps.zip``,
+    the name of SB3's ``CheckpointCallback`` (the zoo's ``--save-freq``)."""
+    return checkpoint.parent / f"rl_model_{checkpoint.name.removeprefix('checkpoint_')}_steps.zip"
+
+
+def link_as_zoo_checkpoint(checkpoint: Path) -> None:
+    """Make a checkpoint's ``model.zip`` also the zoo's checkpoint of its step (:func:`zoo_checkpoint_path`),
+    as a hard link (no second copy on disk); left alone where a file of that name exists (the zoo's
+    own ``--save-freq`` checkpoint of that step) or the file system has no hard links."""
+    link = zoo_checkpoint_path(checkpoint)
+    if not link.exists():
+        try:
+            os.link(checkpoint / "model.zip", link)
+        except OSError as error:  # resuming does not need the link: say so, and go on
+            warnings.warn(f"{checkpoint} was not linked as {link.name} ({error}): the zoo's enjoy does not see it", stacklevel=2)
+
+
+def unlink_zoo_checkpoint(checkpoint: Path) -> None:
+    """Remove the zoo's name for a checkpoint about to be deleted, only if it is that checkpoint's own
+    hard link (never a ``--save-freq`` checkpoint of the same step)."""
+    link, model = zoo_checkpoint_path(checkpoint), checkpoint / "model.zip"
+    if link.is_file() and model.is_file() and os.path.samefile(link, model):
+        link.unlink()
 
 
 def restore_evaluations(eval_callback: EvalCallback, npz_path: str | Path, up_to: int) -> None:

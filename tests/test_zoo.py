@@ -213,6 +213,11 @@ def test_a_run_resumes_from_its_checkpoint_in_its_own_folder(tmp_path):
     assert sorted(p.name for p in run.glob("checkpoint_*")) == ["checkpoint_300"]  # older ones deleted
     assert {p.name for p in (run / "checkpoint_300").iterdir()} == {"model.zip", "replay_buffer.pkl", "progress.json"}
     assert read_progress(run / "checkpoint_300")["num_timesteps"] == 300
+    assert sorted(p.name for p in run.glob("rl_model_*")) == ["rl_model_300_steps.zip"]  # the zoo's name for it
+    assert os.path.samefile(run / "rl_model_300_steps.zip", run / "checkpoint_300" / "model.zip")
+    out = zoo("enjoy", "--algo", "dreamer", "--env", "CartPole-v1", "-f", "logs", "-n", "20", "--no-render", "--device", "cpu",
+              "--load-last-checkpoint", cwd=tmp_path)  # fmt: skip
+    assert "rl_model_300_steps.zip" in out
     first_buffer = Dreamer.load(run / "checkpoint_300" / "model.zip")
     first_buffer.load_replay_buffer(run / "checkpoint_300" / "replay_buffer.pkl", truncate_last_traj=False)
     first = first_buffer.replay_buffer
@@ -241,6 +246,7 @@ def test_a_run_resumes_from_its_checkpoint_in_its_own_folder(tmp_path):
     assert list(np.load(run / "evaluations.npz")["timesteps"]) == [100, 200, 300, 400, 500]
     assert Dreamer.load(run / "CartPole-v1.zip").num_timesteps == 500
     assert sorted(p.name for p in run.glob("checkpoint_*")) == ["checkpoint_500"]
+    assert sorted(p.name for p in run.glob("rl_model_*")) == ["rl_model_500_steps.zip"]  # the old link went with its checkpoint
     model = Dreamer.load(run / "checkpoint_500" / "model.zip")
     model.load_replay_buffer(run / "checkpoint_500" / "replay_buffer.pkl", truncate_last_traj=False)
     resumed = model.replay_buffer
