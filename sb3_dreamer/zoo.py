@@ -4,6 +4,7 @@
     python -m sb3_dreamer.zoo train --algo ppo --env CartPole-v1          # the zoo's PPO and YAML
     python -m sb3_dreamer.zoo enjoy --algo dreamer --env CartPole-v1 -f logs/
     python -m sb3_dreamer.zoo record_training --algo dreamer --env CartPole-v1 -f logs/ -n 500   # needs train --save-freq
+    python -m sb3_dreamer.zoo load_from_hub --algo dreamer --env CartPole-v1 -orga <user> -f logs/
     python -m sb3_dreamer.zoo all_plots -a ppo dreamer -e CartPole-v1 -f logs/
     python -m sb3_dreamer.zoo train --algo dreamer --env CartPole-v1 --optimize --n-trials 20 \\
         --storage sqlite:///dreamer_optuna.db --study-name dreamer_cartpole
@@ -34,7 +35,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
 
-COMMANDS = ("train", "enjoy", "record_video", "record_training", "plot_train", "plot_from_file", "all_plots", "benchmark")
+COMMANDS = (
+    "train", "enjoy", "record_video", "record_training", "load_from_hub",
+    "plot_train", "plot_from_file", "all_plots", "benchmark",
+)  # fmt: skip
+SCRIPTS = ("record_video", "record_training", "load_from_hub")  # run as the zoo's __main__ modules
 
 
 def default_config_path() -> Path:
@@ -311,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
 
         rl_zoo3.train.ExperimentManager = _experiment_manager(checkpoint_every, resume)  # type: ignore[attr-defined]
     sys.argv = [f"sb3_dreamer.zoo {command}", *args]  # the zoo's commands parse sys.argv
-    if command in ("record_video", "record_training"):  # scripts in the zoo, not functions
+    if command in SCRIPTS:  # scripts in the zoo, not functions
         import runpy
 
         with record_video_through_this_entry_point(), ffmpeg_on_path(needed=command == "record_training"):

@@ -106,6 +106,13 @@ def test_record_training_records_every_checkpoint_of_a_dreamer_run(tmp_path):
     assert (videos / "training.mp4").stat().st_size > 0  # the joined video (ffmpeg)
 
 
+def test_load_from_hub_knows_dreamer(tmp_path):
+    # Offline here, so only its arguments: the zoo's own script refuses --algo dreamer (not in its choices).
+    out = zoo("load_from_hub", "--help", cwd=tmp_path)
+    algo_help = out[out.index("--algo") :]
+    assert "dreamer" in algo_help[: algo_help.index("}")] and "ppo" in algo_help[: algo_help.index("}")]
+
+
 def test_optimize_with_sqlite_storage(tmp_path):
     # The sampled parameters replace the tiny ones; the zoo seeds its sampler with --seed, and seed 7's
     # first trial is small and quick (size1m, train_ratio 64, B32 x T16, 64 starts, horizon 8), where an
