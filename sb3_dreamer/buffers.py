@@ -131,8 +131,8 @@ class SequenceReplayBuffer:
     """Replay of env steps, sampled as [B, T] windows.
 
     :param buffer_size: total number of rows over all env columns (each column holds ``buffer_size // n_envs``)
-    :param observation_space: observation space: Box (vector or image), Discrete, MultiDiscrete, MultiBinary or a Dict of them; observations
-        are stored in their own shape, uint8 for uint8 spaces and float32 otherwise (see module docstring)
+    :param observation_space: observation space: Box (vector or image), Discrete, MultiDiscrete,
+        MultiBinary or a Dict of them; observations are stored in their own shape, uint8 for uint8 spaces and float32 otherwise (see module docstring)
     :param action_space: action space (actions are stored as vectors, see :func:`action_vector_dim`)
     :param device: device the sampled tensors are put on
     :param n_envs: number of env columns

@@ -43,7 +43,8 @@ def observation_kind(observation_space: spaces.Space, normalize_images: bool = T
         if others or not observation_space.spaces:
             raise ValueError(
                 "Dreamer supports Dict observation spaces whose values are Box (vectors or images), Discrete, "
-                f"MultiDiscrete or MultiBinary spaces, got {observation_space}" + (f" with other keys {others}" if others else "")
+                f"MultiDiscrete or MultiBinary spaces, got {observation_space}"
+                + (f" with other keys {others}" if others else "")
             )
         return "dict"
     if not isinstance(observation_space, supported):

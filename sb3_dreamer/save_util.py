@@ -10,7 +10,9 @@ from collections.abc import Iterator
 
 
 @contextlib.contextmanager
-def replaced_when_complete(path: str | pathlib.Path | io.BufferedIOBase, suffix: str) -> Iterator[pathlib.Path | io.BufferedIOBase]:
+def replaced_when_complete(
+    path: str | pathlib.Path | io.BufferedIOBase, suffix: str
+) -> Iterator[pathlib.Path | io.BufferedIOBase]:
     """The target to write ``path`` through, so that a file already at ``path`` is replaced only by a
     complete new one (``os.replace`` of a flushed temporary file beside it): a save stopped midway, by an
     error or a kill, leaves the previous file as it was (and no temporary file after an error).

@@ -287,7 +287,9 @@ def ffmpeg_on_path(needed: bool = True) -> Iterator[None]:
     try:
         import imageio_ffmpeg
     except ImportError as error:
-        raise SystemExit("record_training needs ffmpeg: install it (apt install ffmpeg) or `pip install imageio-ffmpeg`") from error
+        raise SystemExit(
+            "record_training needs ffmpeg: install it (apt install ffmpeg) or `pip install imageio-ffmpeg`"
+        ) from error
     path = os.environ.get("PATH", "")
     with tempfile.TemporaryDirectory(prefix="sb3_dreamer_ffmpeg_") as folder:
         os.symlink(imageio_ffmpeg.get_ffmpeg_exe(), os.path.join(folder, "ffmpeg"))

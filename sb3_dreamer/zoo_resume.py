@@ -149,7 +149,8 @@ def link_as_zoo_checkpoint(checkpoint: Path) -> None:
         try:
             os.link(checkpoint / "model.zip", link)
         except OSError as error:  # resuming does not need the link: say so, and go on
-            warnings.warn(f"{checkpoint} was not linked as {link.name} ({error}): the zoo's enjoy does not see it", stacklevel=2)
+            warnings.warn(f"{checkpoint} was not linked as {link.name} ({error}): the zoo's enjoy does not see it",
+                          stacklevel=2)  # fmt: skip
 
 
 def unlink_zoo_checkpoint(checkpoint: Path) -> None:

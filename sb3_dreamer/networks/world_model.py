@@ -36,7 +36,8 @@ class WorldModelOutput(NamedTuple):
 class WorldModel(CompiledMethods, nn.Module):
     """Encoder, RSSM, decoder and reward/continue heads.
 
-    :param observation_space: (channel-first) observation space: Box vector, Box image or Dict of them
+    :param observation_space: (channel-first) observation space: Box vector, Box image, Discrete,
+        MultiDiscrete, MultiBinary or Dict of them
     :param action_dim: A
     :param units: width of encoder, decoder and head layers
     :param encoder_layers: hidden layers of the vector encoder (its output is the vector embedding)
