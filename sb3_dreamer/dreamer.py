@@ -156,6 +156,9 @@ class Dreamer(BaseAlgorithm):
     :param _init_setup_model: build the networks at construction (``load`` passes False)
     """
 
+    # Attributes that belong to this process (a worker thread, a captured CUDA graph, whether this process
+    # compiled for a batch shape): neither saved nor copied; made again on first use.
+    _PROCESS_LOCAL: ClassVar[tuple[str, ...]] = ("_backward_pool", "_captured_update", "_updated_shape")
     policy_aliases: ClassVar[dict[str, type[DreamerPolicy]]] = {
         "MlpLatentPolicy": MlpLatentPolicy,
         "MlpPolicy": MlpLatentPolicy,
@@ -382,12 +385,11 @@ class Dreamer(BaseAlgorithm):
         what belongs to this process, the ``parallel_backward`` thread and a captured CUDA graph; a
         copy makes its own on first use."""
         state = self.__dict__.copy()
-        state.update(_backward_pool=None, _captured_update=None, _updated_shape=None)
+        state.update(dict.fromkeys(self._PROCESS_LOCAL))
         return state
 
     def _excluded_save_params(self) -> list[str]:
-        excluded = ["_last_latent", "_captured_update", "_backward_pool", "_updated_shape", "_replay_normalizer_fit"]
-        return [*super()._excluded_save_params(), *excluded]
+        return [*super()._excluded_save_params(), *self._PROCESS_LOCAL, "_last_latent", "_replay_normalizer_fit"]
 
     def set_parameters(self, *args, **kwargs) -> None:  # type: ignore[override]
         """SB3's ``set_parameters``; a captured update holds the old optimiser state, so it is dropped."""

@@ -273,15 +273,15 @@ def record_video_through_this_entry_point() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def ffmpeg_on_path(needed: bool = True) -> Iterator[None]:
+def ffmpeg_on_path() -> Iterator[None]:
     """While it lasts, an ``ffmpeg`` command on the PATH: the zoo's ``record_training`` runs
     ``ffmpeg`` by name to caption and join its videos, and fails without it. When the system has
     none, the binary of ``imageio-ffmpeg`` (which moviepy, the zoo's video writer, installs) is linked
-    as ``ffmpeg`` in a temporary folder put first on the PATH. ``needed=False``: nothing is done."""
+    as ``ffmpeg`` in a temporary folder put first on the PATH."""
     import shutil
     import tempfile
 
-    if not needed or shutil.which("ffmpeg") is not None:
+    if shutil.which("ffmpeg") is not None:
         yield
         return
     try:
@@ -321,7 +321,10 @@ def main(argv: list[str] | None = None) -> None:
     if command in SCRIPTS:  # scripts in the zoo, not functions
         import runpy
 
-        with record_video_through_this_entry_point(), ffmpeg_on_path(needed=command == "record_training"):
+        with contextlib.ExitStack() as stack:
+            if command == "record_training":  # it runs record_video processes and ffmpeg
+                stack.enter_context(record_video_through_this_entry_point())
+                stack.enter_context(ffmpeg_on_path())
             runpy.run_module(f"rl_zoo3.{command}", run_name="__main__", alter_sys=False)
         return
     import importlib

@@ -470,7 +470,6 @@ def test_sample_onehot_with_given_noise_is_gumbel_max():
     assert gumbel_noise((200_000,)).mean().item() == pytest.approx(0.5772, abs=0.01)
 
 
-
 def test_discrete_observations_become_one_hots_and_bits():
     # [B=2, T=1] as replay stores them (float32); classes counted from the space's start.
     discrete = spaces.Discrete(3, start=-1)
