@@ -122,14 +122,16 @@ class Dreamer(BaseAlgorithm):
         two-hot, KL and percentiles in float32) or "auto": bfloat16 on CUDA devices that support it,
         float32 otherwise
     :param compile_steps: ``torch.compile`` the per-step functions (posterior step, prior step,
-        actor; 8 posterior steps of a replayed sequence per compiled call), fusing their small
-        kernels; compiled once per batch shape (~10-30 s on a GPU).
+        actor; 8 posterior steps of a replayed sequence and 5 imagination steps per compiled call)
+        and the lambda-return loop, fusing their small kernels; compiled once per batch shape
+        (~2 minutes on a fresh GPU machine at size12m, cached on disk after).
         None: on with CUDA graphs, off otherwise (on a CPU: ~0.8x the eager update after 1-2 minutes
         of compilation, worth it for long runs; see the README's Speed section)
     :param compile_losses: ``torch.compile`` the loss computations outside the time loops (world-model
         heads and KL terms, the actor's loss after imagination, REINFORCE or through the dynamics,
         critic losses), forward and backward. Off by
-        default: it needs a C++ compiler on a CPU, and it has not been measured with CUDA graphs yet
+        default: it needs a C++ compiler. CPU only: on a CUDA device (torch 2.11) its imagined returns
+        did not match eager, so it raises ValueError there
     :param parallel_backward: on a CPU, run the world model's backward pass (with the replay value
         loss's) on a second thread while the imagined critic loss and the actor-critic backward pass
         run on this one; the gradients are the same. None: on while torch runs one thread
@@ -309,6 +311,15 @@ class Dreamer(BaseAlgorithm):
         if self.compile_steps or (self.compile_steps is None and self.uses_cuda_graph):
             self.policy.compile_steps()
         if self.compile_losses:
+            if self.device.type == "cuda":
+                # Measured 2026-11-24 (torch 2.11.0+cu130, H100; tests/test_cuda_graph.py): with the
+                # compiled losses the imagined returns came out ~300x too large (mean -0.036 where
+                # eager gave 1e-4, with or without the CUDA graph); the same code matches eager on a CPU.
+                raise ValueError(
+                    f"compile_losses=True is not supported on CUDA devices (device={self.device}): there the compiled "
+                    "REINFORCE loss gave imagined returns far from the eager ones. Pass compile_losses=False (also to "
+                    "Dreamer.load); compile_steps and the CUDA graph, the CUDA defaults, are the fast path there."
+                )
             self.policy.compile_losses()
 
     def _check_replay_columns(self, rows: int) -> None:

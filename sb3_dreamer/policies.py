@@ -102,6 +102,9 @@ class DreamerPolicy(CompiledMethods, BasePolicy):
 
     # Kinds of observation space the policy takes (see observation_kind).
     observation_kinds: ClassVar[tuple[str, ...]] = ("vector", "image", "dict")
+    # Imagination steps per imagine_steps call (the same values for any chunk size); 1 in eager,
+    # where a call costs nothing extra. compile_steps raises it.
+    imagine_chunk: int = 1
 
     def __init__(
         self,
@@ -188,24 +191,27 @@ class DreamerPolicy(CompiledMethods, BasePolicy):
         )
         return data
 
-    def compile_steps(self, observe_chunk: int = 8) -> None:
+    def compile_steps(self, observe_chunk: int = 8, imagine_chunk: int = 5) -> None:
         """``torch.compile`` the functions called once per time step (posterior step, prior step,
-        actor; in imagination the prior step, the actor and its action sample as one
-        :meth:`imagine_step`): each
-        becomes a few fused kernels instead of dozens. In the world model's observe loop,
-        ``observe_chunk`` consecutive posterior steps are one compiled call
-        (:meth:`~sb3_dreamer.networks.rssm.RSSM.posterior_steps`), so a replayed sequence of T steps
-        pays T / ``observe_chunk`` calls' overhead, forward and backward. Shapes are static, so each
-        batch shape compiles once (training batch, imagination starts, acting envs)."""
-        if observe_chunk < 1:
-            raise ValueError(f"observe_chunk must be a positive number of steps, got {observe_chunk}")
+        actor; in imagination the prior step, the actor and its action sample) and the lambda-return
+        recursion (:meth:`lambda_return`): each becomes a few fused kernels instead of dozens. In the
+        world model's observe loop, ``observe_chunk`` consecutive posterior steps are one compiled
+        call (:meth:`~sb3_dreamer.networks.rssm.RSSM.posterior_steps`), and in imagination
+        ``imagine_chunk`` steps (:meth:`imagine_steps`), so a sequence of T steps pays T / chunk
+        calls' overhead (forward and backward) and casts the weights once per call. Shapes are
+        static, so each batch shape compiles once (training batch, imagination starts, acting envs)."""
+        for name, chunk in (("observe_chunk", observe_chunk), ("imagine_chunk", imagine_chunk)):
+            if chunk < 1:
+                raise ValueError(f"{name} must be a positive number of steps, got {chunk}")
         rssm = self.world_model.rssm
         rssm.compile_method("posterior_step")
         rssm.compile_method("posterior_steps")
         rssm.observe_chunk = observe_chunk
         rssm.compile_method("img_step")
         self.actor.net.compile_method("forward")
-        self.compile_method("imagine_step")
+        self.compile_method("imagine_steps")
+        self.imagine_chunk = imagine_chunk
+        self.compile_method("lambda_return")
 
     def compile_losses(self) -> None:
         """``torch.compile`` the loss computations outside the time loops: the world model's heads
@@ -338,38 +344,38 @@ class DreamerPolicy(CompiledMethods, BasePolicy):
         the features carry gradients through the dynamics back to the actor; the caller freezes the
         world model's parameters (:func:`frozen`) so that only the actor learns from it. Either way
         the noise of every sample is drawn before the loop, and each step samples its action inside
-        :meth:`imagine_step`.
+        :meth:`imagine_steps` (:attr:`imagine_chunk` steps per call).
 
         :param deter: [N, D] :param stoch: [N, S*K] :return: a :class:`Trajectory`
         """
         rssm = self.world_model.rssm
-        feats, actions, raws = [], [], []
         deter, stoch = deter.detach(), stoch.detach()
         with th.set_grad_enabled(backprop and th.is_grad_enabled()):
             weights = rssm.gru_weights()
-            # The random numbers of the whole rollout, each in one call.
-            noise = rssm.noise(horizon, deter.shape[0], device=deter.device).unbind(0)
-            action_noise = self.actor.noise(horizon + 1, deter.shape[0], device=deter.device).unbind(0)
+            # The random numbers of the whole rollout, each in one call: [H, N, S, K] and [H+1, N, A].
+            noise = rssm.noise(horizon, deter.shape[0], device=deter.device)
+            action_noise = self.actor.noise(horizon + 1, deter.shape[0], device=deter.device)
             feat = th.cat([deter, stoch], -1)
             raw = self.actor.net(feat)
             action = self.actor.distribution(raw).sample(action_noise[0])
-            for t in range(horizon + 1):
-                feats.append(feat)
-                actions.append(action)
-                raws.append(raw)
-                if t < horizon:
-                    deter, stoch, feat, raw, action = self.imagine_step(
-                        deter, stoch, action, weights, noise[t], action_noise[t + 1]
-                    )
-        stack = lambda xs: th.stack(xs, 1)  # noqa: E731
-        feat, action = stack(feats), stack(actions)
+            feats, raws, actions = [feat.unsqueeze(1)], [raw.unsqueeze(1)], [action.unsqueeze(1)]
+            # Through the dynamics, one step per call: a compiled chunk's backward took 71 s instead
+            # of 13 s to compile on a CPU and was no faster.
+            chunk = 1 if backprop else self.imagine_chunk
+            for noise_c, action_noise_c in zip(noise.split(chunk), action_noise[1:].split(chunk)):
+                deter, stoch, feat_c, raw_c, action_c = self.imagine_steps(deter, stoch, action, weights, noise_c, action_noise_c)
+                action = action_c[:, -1]
+                feats.append(feat_c)
+                raws.append(raw_c)
+                actions.append(action_c)
+        feat, action = th.cat(feats, 1), th.cat(actions, 1)
         if backprop:
-            dist = self.actor.distribution(stack(raws))
+            dist = self.actor.distribution(th.cat(raws, 1))
             return Trajectory(feat, action, dist.log_prob(action.detach()), dist.entropy())
         dist = self.actor(feat)
         return Trajectory(feat, action, dist.log_prob(action), dist.entropy())
 
-    def imagine_step(
+    def imagine_steps(
         self,
         deter: th.Tensor,
         stoch: th.Tensor,
@@ -378,18 +384,32 @@ class DreamerPolicy(CompiledMethods, BasePolicy):
         noise: th.Tensor,
         action_noise: th.Tensor,
     ) -> tuple[th.Tensor, th.Tensor, th.Tensor, th.Tensor, th.Tensor]:
-        """One step of :meth:`imagine`: the prior step (``RSSM.img_step``) from deter [N, D], stoch
-        [N, S*K] under ``action`` [N, A] with Gumbel ``noise`` [N, S, K], then the actor at the new
-        state and its action sampled with ``action_noise`` [N, A] (:meth:`Actor.noise`). One
-        function, so that ``compile_steps`` makes it one compiled call per step.
+        """k steps of :meth:`imagine` from deter [N, D], stoch [N, S*K] and ``action`` [N, A], each
+        the prior step (``RSSM.img_step``) with Gumbel ``noise`` [k, N, S, K], then the actor at the
+        new state and its action sampled with ``action_noise`` [k, N, A] (:meth:`Actor.noise`). One
+        function, so that ``compile_steps`` makes :attr:`imagine_chunk` steps one compiled call
+        (without autograd; one step with it).
 
-        :return: deter [N, D], stoch [N, S*K], feat [N, D + S*K], the actor's raw output
-            ``actor.net(feat)`` and the sampled action [N, A]
+        :return: the last deter [N, D] and stoch [N, S*K], and per step feat [N, k, D + S*K], the
+            actor's raw output ``actor.net(feat)`` [N, k, *] and the sampled action [N, k, A]
         """
-        deter, stoch = self.world_model.rssm.img_step(deter, stoch, action, weights, noise)
-        feat = th.cat([deter, stoch], -1)
-        raw = self.actor.net(feat)
-        return deter, stoch, feat, raw, self.actor.distribution(raw).sample(action_noise)
+        feats, raws, actions = [], [], []
+        for noise_t, action_noise_t in zip(noise.unbind(0), action_noise.unbind(0)):
+            deter, stoch = self.world_model.rssm.img_step(deter, stoch, action, weights, noise_t)
+            feat = th.cat([deter, stoch], -1)
+            raw = self.actor.net(feat)
+            action = self.actor.distribution(raw).sample(action_noise_t)
+            feats.append(feat)
+            raws.append(raw)
+            actions.append(action)
+        return deter, stoch, th.stack(feats, 1), th.stack(raws, 1), th.stack(actions, 1)
+
+    def lambda_return(
+        self, reward: th.Tensor, discount: th.Tensor, bootstrap: th.Tensor, lam: float, last: th.Tensor | None = None
+    ) -> th.Tensor:
+        """:func:`~sb3_dreamer.functional.lambda_return` ([B, T+1] inputs -> [B, T] returns), as a
+        method so that ``compile_steps`` compiles its time loop into one kernel."""
+        return lambda_return(reward, discount, bootstrap, lam, last=last)
 
     # ----------------------------------------------------------------------------------- losses
     def reinforce_loss(self, traj: Trajectory, lam: float, entropy_coef: float) -> ActorLosses:
@@ -403,7 +423,7 @@ class DreamerPolicy(CompiledMethods, BasePolicy):
             weight = th.cumprod(cont, 1)[:, :-1]  # probability of still being in the episode
         value_logits = critic(traj.feat)
         value = critic.value(value_logits)
-        returns = lambda_return(reward, cont, value.detach(), lam)  # [N, H]
+        returns = self.lambda_return(reward, cont, value.detach(), lam)  # [N, H]
         scale = update_return_percentiles(returns, self.return_low, self.return_high)
         advantage = (returns - value[:, :-1]) / scale
         policy_loss = actor_loss(traj.log_prob[:, :-1], traj.entropy[:, :-1], advantage, weight, entropy_coef).mean()
@@ -431,7 +451,7 @@ class DreamerPolicy(CompiledMethods, BasePolicy):
         caller). No time loop, so one region for ``torch.compile`` (:meth:`compile_losses`)."""
         wm, critic = self.world_model, self.critic
         reward, cont = wm.reward(traj.feat), wm.cont(traj.feat)
-        returns = lambda_return(reward, cont, critic.value(critic(traj.feat)), lam)  # [N, H]
+        returns = self.lambda_return(reward, cont, critic.value(critic(traj.feat)), lam)  # [N, H]
         weight = th.cumprod(cont.detach(), 1)[:, :-1]
         scale = update_return_percentiles(returns, self.return_low, self.return_high)
         policy_loss = -(weight * (returns / scale + entropy_coef * traj.entropy[:, :-1])).mean()
@@ -474,7 +494,7 @@ class DreamerPolicy(CompiledMethods, BasePolicy):
                 boot = actor.returns[:, 0].view(batch, steps)
             else:
                 boot = critic.value(real_logits).flatten().index_put((starts,), actor.returns[:, 0]).view(batch, steps)
-        real_returns = lambda_return(rewards, (1.0 - is_terminal) * gamma, boot, lam, last=is_last)
+        real_returns = self.lambda_return(rewards, (1.0 - is_terminal) * gamma, boot, lam, last=is_last)
         keep = 1.0 - is_last[:, :-1]
         return (keep * critic_loss(critic, real_logits[:, :-1], real_returns, real_slow[:, :-1])).mean()
 

@@ -69,8 +69,8 @@ def _assert_same_updates(optimised: Dreamer, eager: Dreamer, batches: list, star
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 @pytest.mark.parametrize(
     "compiled",
-    [dict(compile_steps=False), dict(compile_steps=True), dict(compile_steps=True, compile_losses=True)],
-    ids=["eager", "steps", "losses"],
+    [dict(compile_steps=False), dict(compile_steps=True)],
+    ids=["eager", "steps"],
 )
 def test_cuda_graph_matches_eager(precision, compiled):
     """Same seed, same batches: the graphed update gives the eager update's losses (within 2%:
@@ -85,6 +85,18 @@ def test_cuda_graph_matches_eager(precision, compiled):
     start = _flat_params(eager)
     th.testing.assert_close(_flat_params(graphed), start)
     _assert_same_updates(graphed, eager, batches, start)
+
+
+@cuda
+def test_compile_losses_is_refused_on_cuda(tmp_path):
+    # Its imagined returns did not match eager there (torch 2.11, H100), with or without the graph.
+    with pytest.raises(ValueError, match="compile_losses=True is not supported on CUDA"):
+        Dreamer("MlpLatentPolicy", "CartPole-v1", device="cuda", compile_losses=True, policy_kwargs=TINY_POLICY_KWARGS)
+    saved = Dreamer("MlpLatentPolicy", "CartPole-v1", device="cpu", compile_losses=True, policy_kwargs=TINY_POLICY_KWARGS)
+    saved.save(tmp_path / "cpu_model")
+    with pytest.raises(ValueError, match="also to Dreamer.load"):
+        Dreamer.load(tmp_path / "cpu_model", device="cuda")
+    assert not Dreamer.load(tmp_path / "cpu_model", device="cuda", compile_losses=False).compile_losses
 
 
 @cuda

@@ -96,10 +96,11 @@ def test_rssm_observe_in_chunks_gives_the_same_values_and_gradients(chunk):
         th.testing.assert_close(x, y, rtol=0, atol=0)
 
 
-def test_compile_steps_rejects_an_empty_observe_chunk():
+@pytest.mark.parametrize("name", ["observe_chunk", "imagine_chunk"])
+def test_compile_steps_rejects_an_empty_chunk(name):
     policy = DreamerPolicy(spaces.Box(-1, 1, (3,)), spaces.Discrete(2), lambda _: 1e-3, **TINY_POLICY_KWARGS)
-    with pytest.raises(ValueError, match="observe_chunk must be a positive"):
-        policy.compile_steps(observe_chunk=0)
+    with pytest.raises(ValueError, match=f"{name} must be a positive"):
+        policy.compile_steps(**{name: 0})
 
 
 def test_rssm_reset_at_is_first_equals_fresh_start():
@@ -406,6 +407,22 @@ def test_policy_imagine_shapes(action_space):
     assert traj.actions.shape == (5, 4, action_dim)
     assert traj.log_prob.shape == traj.entropy.shape == (5, 4)
     assert traj.log_prob.requires_grad and not traj.feat.requires_grad
+
+
+@pytest.mark.parametrize("action_space", [spaces.Discrete(3), spaces.Box(-2.0, 2.0, shape=(2,))])
+@pytest.mark.parametrize("chunk", [2, 5])
+def test_policy_imagine_in_chunks_gives_the_same_trajectory(action_space, chunk):
+    """imagine_chunk (imagination steps per imagine_steps call, raised by compile_steps) changes no
+    value, including a last chunk shorter than the others (horizon 5 in chunks of 2)."""
+    policy = DreamerPolicy(spaces.Box(-1.0, 1.0, shape=(4,)), action_space, lambda _: 1e-3, **TINY_POLICY_KWARGS)
+    deter, stoch = th.randn(6, DETER), th.zeros(6, STOCH_DIM)
+    trajectories = []
+    for imagine_chunk in (1, chunk):
+        policy.imagine_chunk = imagine_chunk
+        th.manual_seed(0)
+        trajectories.append(policy.imagine(deter, stoch, horizon=5))
+    for x, y in zip(*trajectories):
+        th.testing.assert_close(x, y, rtol=0, atol=0)
 
 
 def test_dynamics_loss_gradients_reach_the_actor_and_the_critics_logits_only():
