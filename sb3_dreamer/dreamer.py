@@ -313,8 +313,8 @@ class Dreamer(BaseAlgorithm):
         if self.compile_losses:
             if self.device.type == "cuda":
                 # Measured 2026-11-24 (torch 2.11.0+cu130, H100; tests/test_cuda_graph.py): with the
-                # compiled losses the imagined returns came out ~300x too large (mean -0.036 where
-                # eager gave 1e-4, with or without the CUDA graph); the same code matches eager on a CPU.
+                # compiled losses the mean imagined return after one update was -0.036 where eager
+                # gave 1e-4, with or without the CUDA graph; the same code matches eager on a CPU.
                 raise ValueError(
                     f"compile_losses=True is not supported on CUDA devices (device={self.device}): there the compiled "
                     "REINFORCE loss gave imagined returns far from the eager ones. Pass compile_losses=False (also to "
