@@ -28,8 +28,8 @@ On a CUDA device every path also replays the CUDA graph (the default there), so 
 
 ``--profile N`` instead runs ``torch.profiler`` over N updates (after the warm-up) and prints the
 operators with the most self time, grouped by input shapes (on CUDA by device time, kernels
-included; with ``--cuda-graph off`` to see the kernels one by one); ``--trace PATH`` also writes a
-Chrome trace:
+included, with the kernels per update, their summed time, the GPU's busy time and the median
+kernel and gap first: :func:`kernel_summary`); ``--trace PATH`` also writes a Chrome trace:
 
     python -m sb3_dreamer.speed --profile 5 --threads 1 --compile-steps on --compile-losses on
 
@@ -43,6 +43,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 import time
 from typing import TYPE_CHECKING
 
@@ -218,6 +220,45 @@ def compare(
     }
 
 
+def kernel_summary(kernels: list[tuple[float, float]], updates: int) -> dict[str, float]:
+    """What a GPU spends per update, from the (start, duration) in microseconds of every kernel of
+    ``updates`` profiled updates: kernels per update, their summed duration, the time the GPU ran at
+    least one (the union of their intervals; below the sum where kernels overlap), the span from the
+    first start to the last end (all in ms per update), and the median kernel duration and median
+    gap between consecutive kernels (us). An update bound by many tiny kernels shows a busy time close
+    to its span with a median kernel of a few microseconds."""
+    if not kernels:
+        raise ValueError("no kernels to summarise (profile a CUDA device)")
+    ordered = sorted(kernels)
+    busy, run_start, run_end, gaps = 0.0, ordered[0][0], ordered[0][0] + ordered[0][1], []
+    for start, duration in ordered[1:]:
+        end = start + duration
+        gaps.append(max(start - run_end, 0.0))
+        if start > run_end:
+            busy += run_end - run_start
+            run_start, run_end = start, end
+        else:
+            run_end = max(run_end, end)
+    busy += run_end - run_start
+    span = max(start + duration for start, duration in ordered) - ordered[0][0]
+    us_per_ms_update = 1000.0 * updates
+    return {
+        "kernels_per_update": len(ordered) / updates,
+        "kernel_ms_per_update": sum(duration for _, duration in ordered) / us_per_ms_update,
+        "busy_ms_per_update": busy / us_per_ms_update,
+        "span_ms_per_update": span / us_per_ms_update,
+        "median_kernel_us": float(np.median([duration for _, duration in ordered])),
+        "median_gap_us": float(np.median(gaps)) if gaps else 0.0,
+    }
+
+
+def _trace_kernels(trace_path: str) -> list[tuple[float, float]]:
+    """(start, duration) in us of the GPU kernels in a Chrome trace written by ``torch.profiler``."""
+    with open(trace_path) as f:
+        events = json.load(f)["traceEvents"]
+    return [(float(e["ts"]), float(e["dur"])) for e in events if e.get("cat") == "kernel"]
+
+
 def profile_updates(
     env_id: str = "CartPole-v1",
     device: str = "cpu",
@@ -230,8 +271,9 @@ def profile_updates(
 ) -> str:
     """``torch.profiler`` over ``updates`` gradient updates, after ``warmup`` untimed ones (where any
     compilation and CUDA graph capture happen): the table of the operators with the most self time
-    (device time on CUDA, where it also lists the kernels), grouped by input shapes. ``trace``: also
-    write a Chrome trace (chrome://tracing, Perfetto). ``kwargs`` go to ``Dreamer``."""
+    (device time on CUDA, where it also lists the kernels), grouped by input shapes, and on CUDA a
+    line of :func:`kernel_summary` before it. ``trace``: also write a Chrome trace (chrome://tracing,
+    Perfetto). ``kwargs`` go to ``Dreamer``."""
     from torch.profiler import ProfilerActivity, profile
 
     from sb3_dreamer import Dreamer
@@ -243,10 +285,21 @@ def profile_updates(
         for _ in range(updates):
             model.train(1)
         _sync(model.device)
-    if trace is not None:
+    summary = ""
+    if cuda:  # the kernels' intervals, read from a trace (written to a temporary file unless asked for)
+        with tempfile.TemporaryDirectory() as folder:
+            path = trace or os.path.join(folder, "trace.json")
+            prof.export_chrome_trace(path)
+            k = kernel_summary(_trace_kernels(path), updates)
+        summary = (
+            f"CUDA kernels per update: {k['kernels_per_update']:.0f}, {k['kernel_ms_per_update']:.2f} ms summed, the GPU busy "
+            f"{k['busy_ms_per_update']:.2f} ms of a {k['span_ms_per_update']:.2f} ms span (profiled); median kernel "
+            f"{k['median_kernel_us']:.1f} us, median gap {k['median_gap_us']:.2f} us\n"
+        )
+    elif trace is not None:
         prof.export_chrome_trace(trace)
     sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
-    return prof.key_averages(group_by_input_shape=True).table(sort_by=sort_by, row_limit=row_limit)
+    return summary + prof.key_averages(group_by_input_shape=True).table(sort_by=sort_by, row_limit=row_limit)
 
 
 def main(argv: list[str] | None = None) -> None:

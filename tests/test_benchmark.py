@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import warnings
 
+import pytest
+
 from sb3_dreamer.benchmark import main
 
 from .helpers import TINY_POLICY_KWARGS
@@ -70,3 +72,21 @@ def test_speed_profile_lists_the_operators_and_writes_a_trace(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "2 profiled updates" in out and "Self CPU" in out and "aten::addmm" in out
     assert json.loads(trace.read_text())["traceEvents"]
+
+
+def test_kernel_summary_of_known_intervals():
+    """Two updates of kernels (start, duration) in us: [0, 2], [1, 4] (overlapping), [10, 12], [20, 23]."""
+    from sb3_dreamer.speed import kernel_summary
+
+    got = kernel_summary([(10.0, 2.0), (0.0, 2.0), (20.0, 3.0), (1.0, 3.0)], updates=2)
+    assert got == {
+        "kernels_per_update": 2.0,
+        "kernel_ms_per_update": 10.0 / 2000,  # 2 + 3 + 2 + 3 us over two updates
+        "busy_ms_per_update": 9.0 / 2000,  # [0, 4], [10, 12], [20, 23]
+        "span_ms_per_update": 23.0 / 2000,
+        "median_kernel_us": 2.5,
+        "median_gap_us": 6.0,  # gaps 0, 6, 8
+    }
+    with pytest.raises(ValueError, match="no kernels"):
+        kernel_summary([], updates=1)
+
