@@ -241,12 +241,12 @@ def kernel_summary(kernels: list[tuple[float, float]], updates: int) -> dict[str
             run_end = max(run_end, end)
     busy += run_end - run_start
     span = max(start + duration for start, duration in ordered) - ordered[0][0]
-    us_per_ms_update = 1000.0 * updates
+    to_ms_per_update = 1000.0 * updates  # us over all updates -> ms per update
     return {
         "kernels_per_update": len(ordered) / updates,
-        "kernel_ms_per_update": sum(duration for _, duration in ordered) / us_per_ms_update,
-        "busy_ms_per_update": busy / us_per_ms_update,
-        "span_ms_per_update": span / us_per_ms_update,
+        "kernel_ms_per_update": sum(duration for _, duration in ordered) / to_ms_per_update,
+        "busy_ms_per_update": busy / to_ms_per_update,
+        "span_ms_per_update": span / to_ms_per_update,
         "median_kernel_us": float(np.median([duration for _, duration in ordered])),
         "median_gap_us": float(np.median(gaps)) if gaps else 0.0,
     }
