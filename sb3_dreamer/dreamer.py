@@ -131,7 +131,8 @@ class Dreamer(BaseAlgorithm):
         heads and KL terms, the actor's loss after imagination, REINFORCE or through the dynamics,
         critic losses), forward and backward. Off by
         default: it needs a C++ compiler. CPU only: on a CUDA device (torch 2.11) its imagined returns
-        did not match eager, so it raises ValueError there
+        did not match eager, so it raises ValueError there (a model saved with it and loaded on a
+        CUDA device computes its losses eagerly there)
     :param parallel_backward: on a CPU, run the world model's backward pass (with the replay value
         loss's) on a second thread while the imagined critic loss and the actor-critic backward pass
         run on this one; the gradients are the same. None: on while torch runs one thread
@@ -310,16 +311,7 @@ class Dreamer(BaseAlgorithm):
             retain_freed_memory()
         if self.compile_steps or (self.compile_steps is None and self.uses_cuda_graph):
             self.policy.compile_steps()
-        if self.compile_losses:
-            if self.device.type == "cuda":
-                # Measured 2026-11-24 (torch 2.11.0+cu130, H100; tests/test_cuda_graph.py): with the
-                # compiled losses the mean imagined return after one update was -0.036 where eager
-                # gave 1e-4, with or without the CUDA graph; the same code matches eager on a CPU.
-                raise ValueError(
-                    f"compile_losses=True is not supported on CUDA devices (device={self.device}): there the compiled "
-                    "REINFORCE loss gave imagined returns far from the eager ones. Pass compile_losses=False (also to "
-                    "Dreamer.load); compile_steps and the CUDA graph, the CUDA defaults, are the fast path there."
-                )
+        if self.compile_losses and self.device.type != "cuda":  # refused on CUDA (_check_speed_options)
             self.policy.compile_losses()
 
     def _check_replay_columns(self, rows: int) -> None:
@@ -352,6 +344,16 @@ class Dreamer(BaseAlgorithm):
             raise ValueError(
                 "retain_cpu_memory=True sets glibc's malloc (Linux), which this process does not use "
                 f"({sys.platform}); pass retain_cpu_memory=None or False"
+            )
+        if self.compile_losses and self.device.type == "cuda":
+            # Measured 2026-11-24 (torch 2.11.0+cu130, H100; tests/test_cuda_graph.py): with the
+            # compiled losses the mean imagined return after one update was -0.036 where eager
+            # gave 1e-4, with or without the CUDA graph; the same code matches eager on a CPU. A
+            # model saved with it and loaded on a CUDA device runs its losses eagerly there.
+            raise ValueError(
+                f"compile_losses=True is not supported on CUDA devices (device={self.device}): there the compiled "
+                "REINFORCE loss gave imagined returns far from the eager ones. Pass compile_losses=False; "
+                "compile_steps and the CUDA graph, the CUDA defaults, are the fast path there."
             )
         if self.precision == "bfloat16" and self.device.type == "cuda" and not th.cuda.is_bf16_supported():
             raise ValueError(f"precision='bfloat16' is not supported by {th.cuda.get_device_name(self.device)}; use 'float32'")
