@@ -189,12 +189,17 @@ def compare(
     paths: dict[str, dict[str, bool]] | None = None,
     **kwargs,
 ) -> dict[str, dict[str, float]]:
-    """Interleaved timing of ``paths`` (default :data:`COMPARED_PATHS`), the first being the
-    reference: per path, the median ms per update, the median over rounds of its time divided by
-    the reference's in the same round, and its warm-up seconds. ``kwargs`` go to every ``Dreamer``."""
+    """Interleaved timing of ``paths`` (default :data:`COMPARED_PATHS`; on CUDA without those that
+    set ``compile_losses``, which is refused there), the first being the reference: per path, the
+    median ms per update, the median over rounds of its time divided by the reference's in the same
+    round, and its warm-up seconds. ``kwargs`` go to every ``Dreamer``."""
+    from stable_baselines3.common.utils import get_device
+
     from sb3_dreamer import Dreamer
 
     paths = COMPARED_PATHS if paths is None else paths
+    if get_device(device).type == "cuda":  # compile_losses is refused there (see Dreamer's compile_losses)
+        paths = {name: options for name, options in paths.items() if not options.get("compile_losses")}
     models, warm = {}, {}
     for name, options in paths.items():
         model = Dreamer("MlpLatentPolicy", env_id, device=device, seed=seed, **options, **kwargs)
