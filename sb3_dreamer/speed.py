@@ -189,7 +189,7 @@ def compare(
     paths: dict[str, dict[str, bool]] | None = None,
     **kwargs,
 ) -> dict[str, dict[str, float]]:
-    """Interleaved timing of ``paths`` (default :data:`COMPARED_PATHS`; on CUDA without those that
+    """Interleaved timing of ``paths`` (default :data:`COMPARED_PATHS`, on CUDA without those that
     set ``compile_losses``, which is refused there), the first being the reference: per path, the
     median ms per update, the median over rounds of its time divided by the reference's in the same
     round, and its warm-up seconds. ``kwargs`` go to every ``Dreamer``."""
@@ -197,9 +197,10 @@ def compare(
 
     from sb3_dreamer import Dreamer
 
-    paths = COMPARED_PATHS if paths is None else paths
-    if get_device(device).type == "cuda":  # compile_losses is refused there (see Dreamer's compile_losses)
-        paths = {name: options for name, options in paths.items() if not options.get("compile_losses")}
+    if paths is None:
+        paths = COMPARED_PATHS
+        if get_device(device).type == "cuda":  # compile_losses is refused there (see Dreamer's compile_losses)
+            paths = {name: options for name, options in paths.items() if not options.get("compile_losses")}
     models, warm = {}, {}
     for name, options in paths.items():
         model = Dreamer("MlpLatentPolicy", env_id, device=device, seed=seed, **options, **kwargs)
@@ -245,7 +246,7 @@ def kernel_summary(kernels: list[tuple[float, float]], updates: int) -> dict[str
         else:
             run_end = max(run_end, end)
     busy += run_end - run_start
-    span = max(start + duration for start, duration in ordered) - ordered[0][0]
+    span = run_end - ordered[0][0]  # a run begins after every earlier kernel ended: the last run ends last
     to_ms_per_update = 1000.0 * updates  # us over all updates -> ms per update
     return {
         "kernels_per_update": len(ordered) / updates,
@@ -364,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
             compiled = dict(compile_steps=args.compile_steps == "on", compile_losses=args.compile_losses == "on")
             paths, options = PARALLEL_PATHS, dict(shape, **compiled)
         else:
-            paths, options = COMPARED_PATHS, dict(shape, parallel_backward=on_off[args.parallel_backward])
+            paths, options = None, dict(shape, parallel_backward=on_off[args.parallel_backward])  # COMPARED_PATHS
         options["retain_cpu_memory"] = on_off[args.retain_cpu_memory]
         results = compare(
             env_id=args.env, device=args.device, updates=args.updates, imagination_starts=args.imagination_starts or None,
