@@ -311,7 +311,9 @@ class Dreamer(BaseAlgorithm):
             retain_freed_memory()
         if self.compile_steps or (self.compile_steps is None and self.uses_cuda_graph):
             self.policy.compile_steps()
-        if self.compile_losses and self.device.type != "cuda":  # refused on CUDA (_check_speed_options)
+        # On CUDA, asked for, compile_losses is refused (_check_speed_options); saved with a model and
+        # loaded there, it runs the losses eagerly.
+        if self.compile_losses and self.device.type != "cuda":
             self.policy.compile_losses()
 
     def _check_replay_columns(self, rows: int) -> None:
