@@ -15,7 +15,7 @@ import pathlib
 import sys
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, TypeVar
 
@@ -259,8 +259,6 @@ class Dreamer(BaseAlgorithm):
         self.critic_ema_rate = critic_ema_rate
         self.replay_value_scale = replay_value_scale
         self.replay_context = replay_context
-        if precision not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"precision must be 'auto', 'float32' or 'bfloat16', got {precision!r}")
         self.cuda_graph = cuda_graph
         self.precision = precision
         self.compile_steps = compile_steps
@@ -326,28 +324,30 @@ class Dreamer(BaseAlgorithm):
                 f"update. Pass buffer_size >= {self.sequence_length * self.n_envs}, or a shorter sequence_length."
             )
 
-    def _check_speed_options(self, policy_kwargs: dict[str, Any]) -> None:
-        """Refuse, at construction, speed options this device or optimiser cannot honour. (A model
-        saved with ``cuda_graph=True`` still loads on a CPU: there it simply runs eagerly.)"""
+    def _check_speed_options(self, policy_kwargs: dict[str, Any], options: Collection[str] = SPEED_OPTIONS) -> None:
+        """Refuse speed options this device or optimiser cannot honour: at construction all of them,
+        at :meth:`load` only ``options``, those passed to it. (Saved with a model, an option adapts
+        to the device it loads on: ``cuda_graph=True`` on a CPU simply runs eagerly.)"""
         optimizer_class = policy_kwargs.get("optimizer_class", LaProp)
-        if self.cuda_graph and self.device.type != "cuda":
+        if "cuda_graph" in options and self.cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA device, got device={self.device}; pass cuda_graph=None or False")
-        if self.cuda_graph and not (isinstance(optimizer_class, type) and issubclass(optimizer_class, LaProp)):
+        laprop = isinstance(optimizer_class, type) and issubclass(optimizer_class, LaProp)
+        if "cuda_graph" in options and self.cuda_graph and not laprop:
             raise ValueError(
                 "cuda_graph=True needs the default optimiser LaProp (step count and learning rate on the device), "
                 f"got {optimizer_class}; pass cuda_graph=False"
             )
-        if self.parallel_backward and self.device.type != "cpu":
+        if "parallel_backward" in options and self.parallel_backward and self.device.type != "cpu":
             raise ValueError(
                 f"parallel_backward=True runs the world model's backward pass on a second CPU thread, got device={self.device} "
                 "(where the backward pass already runs asynchronously); pass parallel_backward=None or False"
             )
-        if self.retain_cpu_memory and not glibc_available():
+        if "retain_cpu_memory" in options and self.retain_cpu_memory and not glibc_available():
             raise ValueError(
                 "retain_cpu_memory=True sets glibc's malloc (Linux), which this process does not use "
                 f"({sys.platform}); pass retain_cpu_memory=None or False"
             )
-        if self.compile_losses and self.device.type == "cuda":
+        if "compile_losses" in options and self.compile_losses and self.device.type == "cuda":
             # Measured 2026-11-24 (torch 2.11.0+cu130, H100; tests/test_cuda_graph.py): with the
             # compiled losses the mean imagined return after one update was -0.036 where eager
             # gave 1e-4, with or without the CUDA graph; the same code matches eager on a CPU. A
@@ -357,7 +357,10 @@ class Dreamer(BaseAlgorithm):
                 "REINFORCE loss gave imagined returns far from the eager ones. Pass compile_losses=False; "
                 "compile_steps and the CUDA graph, the CUDA defaults, are the fast path there."
             )
-        if self.precision == "bfloat16" and self.device.type == "cuda" and not th.cuda.is_bf16_supported():
+        if "precision" in options and self.precision not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"precision must be 'auto', 'float32' or 'bfloat16', got {self.precision!r}")
+        bf16_on_cuda = self.precision == "bfloat16" and self.device.type == "cuda"
+        if "precision" in options and bf16_on_cuda and not th.cuda.is_bf16_supported():
             raise ValueError(f"precision='bfloat16' is not supported by {th.cuda.get_device_name(self.device)}; use 'float32'")
 
     @property
@@ -440,7 +443,7 @@ class Dreamer(BaseAlgorithm):
             force_reset=force_reset, **kwargs,
         )  # fmt: skip
         if SPEED_OPTIONS & kwargs.keys():
-            model._check_speed_options(model.policy_kwargs)
+            model._check_speed_options(model.policy_kwargs, options=SPEED_OPTIONS & kwargs.keys())
         return model
 
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:

@@ -82,6 +82,24 @@ def test_load_refuses_speed_options_the_device_cannot_honour(trained):
     with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device"):
         Dreamer.load(path, device="cpu", cuda_graph=True)
     assert Dreamer.load(path, device="cpu", cuda_graph=False).uses_cuda_graph is False
+    with pytest.raises(ValueError, match="precision must be"):
+        Dreamer.load(path, device="cpu", precision="float16")
+
+
+def test_load_checks_only_the_speed_options_passed(trained, tmp_path):
+    """A speed option saved with a model adapts to the device it loads on, also when another speed
+    option is passed to load: only the passed ones are checked (as the constructor checks its own)."""
+    model, _ = trained
+    saved_option, model.cuda_graph = model.cuda_graph, True  # as if trained on a GPU with cuda_graph=True
+    try:
+        model.save(tmp_path / "gpu_model")
+    finally:
+        model.cuda_graph = saved_option
+    loaded = Dreamer.load(tmp_path / "gpu_model", device="cpu", precision="float32")
+    assert loaded.cuda_graph is True and not loaded.uses_cuda_graph and loaded.precision == "float32"
+    assert_same_predictions(model, loaded, observations(model))
+    with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device"):
+        Dreamer.load(tmp_path / "gpu_model", device="cpu", precision="float32", cuda_graph=True)
 
 
 def test_load_with_more_envs_then_learn(trained):
