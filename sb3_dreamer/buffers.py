@@ -367,6 +367,31 @@ class SequenceReplayBuffer:
             return {key: self._gather(stored, rows, cols) for key, stored in self.observations.items()}
         return self._gather(self.observations, rows, cols)
 
+    def to(self, device: th.device | str) -> None:
+        """Use ``device`` from now on: sampled batches land there, and with ``storage="device"`` the
+        stored rows move there (a buffer loaded into a model on another device)."""
+        device = get_device(device)
+        if self.on_device and self._allocated:
+            map_arrays(self.__dict__, lambda x: x.to(device))
+        self.device = device
+
+    def set_latent_dims(self, latent_dims: tuple[int, int] | None) -> bool:
+        """Store latents of sizes (D, S*K) for replay context from now on (None: none). Latents of
+        other sizes are dropped, and rows without latents get zeros: the latent of a row not yet
+        replayed, from which the window after it starts as without replay context (the latents are
+        refreshed whenever rows are replayed). Returns whether anything changed."""
+        latent_dims = tuple(latent_dims) if latent_dims is not None else None
+        if latent_dims == self.latent_dims:
+            return False
+        self.latent_dims = latent_dims
+        if self._allocated:
+            shape = (self.capacity, self.n_envs)
+            for key, size in zip(("deter", "stoch"), latent_dims or (None, None)):
+                self.__dict__.pop(key, None)
+                if size is not None:
+                    setattr(self, key, self._zeros((*shape, size), np.float16))
+        return True
+
     def update_latents(self, indices: tuple[np.ndarray, np.ndarray], deter: th.Tensor, stoch: th.Tensor) -> None:
         """Write fresh posterior latents [B, T, D], [B, T, S*K] back to the sampled rows (replay context)."""
         if self.latent_dims is None:

@@ -468,24 +468,47 @@ class Dreamer(BaseAlgorithm):
             save_to_pkl(target, self.replay_buffer, self.verbose)
 
     def load_replay_buffer(self, path: str | pathlib.Path | io.BufferedIOBase, truncate_last_traj: bool = True) -> None:
-        """Load a pickled replay buffer.
+        """Load a pickled replay buffer (onto this model's device; its replay-context latents
+        adapted to this model, see :meth:`SequenceReplayBuffer.set_latent_dims`).
 
-        :param truncate_last_traj: mark each column's newest row as the end of its episode, since the
-            next row collected will start a fresh one
+        :param truncate_last_traj: mark each column's newest row as the end of its episode and start
+            the next row collected as a new sequence (the episodes in progress in the env, if any, do
+            not continue the buffer's); False when the buffer was saved at the env's current step
         """
         buffer = load_from_pkl(path, self.verbose)
         if not isinstance(buffer, SequenceReplayBuffer):
             raise TypeError(f"{path} holds a {type(buffer).__name__}, not a SequenceReplayBuffer")
         if buffer.n_envs != self.n_envs:
-            raise ValueError(f"The replay buffer has {buffer.n_envs} env columns but the model has n_envs={self.n_envs}")
+            raise ValueError(
+                f"The replay buffer has {buffer.n_envs} env columns but the model has n_envs={self.n_envs}: give the "
+                f"model an env of {buffer.n_envs} envs (set_env, or load(..., env=...)) before loading this buffer"
+            )
         for kind, saved, own in (("observation", buffer.observation_space, self.observation_space),
                                  ("action", buffer.action_space, self.action_space)):  # fmt: skip
             if saved != own:
                 raise ValueError(f"The replay buffer holds {kind}s of {saved} but this model's {kind} space is {own}: "
                                  "load a buffer saved by a model of the same env")  # fmt: skip
-        buffer.device = self.device
+        if buffer.capacity < self.sequence_length:
+            raise ValueError(
+                f"The replay buffer holds {buffer.capacity} rows per env column, fewer than sequence_length="
+                f"{self.sequence_length}: no sequence could be sampled from it. Load it into a model with "
+                f"sequence_length <= {buffer.capacity}"
+            )
+        rssm = self.policy.world_model.rssm
+        saved_latents = buffer.latent_dims
+        if buffer.set_latent_dims((rssm.deter_dim, rssm.stoch_dim) if self.replay_context else None):
+            warnings.warn(
+                f"The replay buffer stores replay-context latents of sizes {saved_latents} but this model "
+                f"(replay_context={self.replay_context}, deter={rssm.deter_dim}, stoch={rssm.stoch_dim}) needs "
+                f"{buffer.latent_dims}: its rows are kept, their latents {'zeroed' if buffer.latent_dims else 'dropped'}",
+                UserWarning,
+                stacklevel=2,
+            )
+        buffer.to(self.device)
         if truncate_last_traj:
             buffer.truncate_last_trajectories()
+            if self._last_episode_starts is not None:
+                self._last_episode_starts = np.ones_like(self._last_episode_starts)
         self.replay_buffer = buffer
 
     # ------------------------------------------------------------------------------------ learn

@@ -346,9 +346,56 @@ def test_load_replay_buffer_errors(tmp_path):
     pendulum = make_model("Pendulum-v1")
     with pytest.raises(ValueError, match=r"observations of Box\(.*\(4,\), float32\) but this model's observation space is Box"):
         pendulum.load_replay_buffer(tmp_path / "replay.pkl")
+    small = make_model("CartPole-v1", learning_starts=10_000, buffer_size=20)
+    small.learn(5)
+    small.save_replay_buffer(tmp_path / "small.pkl")
+    with pytest.raises(ValueError, match="holds 20 rows per env column, fewer than sequence_length=32: no sequence could be"):
+        make_model("CartPole-v1", sequence_length=32).load_replay_buffer(tmp_path / "small.pkl")
     save_to_pkl(tmp_path / "not_a_buffer.pkl", {"a": 1})
     with pytest.raises(TypeError, match="SequenceReplayBuffer"):
         model.load_replay_buffer(tmp_path / "not_a_buffer.pkl")
+
+
+def test_load_replay_buffer_starts_a_new_sequence_where_the_env_is_mid_episode(tmp_path):
+    """Loaded (and truncated) while the model's env is mid-episode, as in a run that goes on after a
+    reload: the next row collected is the first of a sequence (reward 0), not a continuation of the
+    buffer's newest row, which belongs to another stretch of the env's history."""
+    model = make_model(counting_env(max_episode_steps=50), learning_starts=10_000, buffer_size=100)
+    model.learn(6)
+    model.save_replay_buffer(tmp_path / "replay.pkl")
+    model.learn(4, reset_num_timesteps=False)  # the env goes on: its episode is now 10 steps in
+    model.load_replay_buffer(tmp_path / "replay.pkl")
+    model.learn(3, reset_num_timesteps=False)
+    buffer = model.replay_buffer
+    assert buffer.size() == 9 and buffer.is_last[5, 0]  # 6 rows loaded, 3 collected
+    assert buffer.is_first[6, 0] and buffer.rewards[6, 0] == 0.0 and buffer.observations[6, 0, 0] == 10
+    assert not buffer.is_first[7:9, 0].any() and buffer.rewards[7, 0] == 11
+
+
+@pytest.mark.parametrize("saved_context", [True, False])
+def test_load_replay_buffer_adapts_replay_context_latents(tmp_path, saved_context):
+    """A buffer saved with (without) replay-context latents loads into a model without (with) replay
+    context: the rows are kept, the latents dropped (zeros: the latent of a row not yet replayed), with a warning."""
+    model = make_model("CartPole-v1", learning_starts=10_000, replay_context=saved_context)
+    model.learn(40)
+    model.save_replay_buffer(tmp_path / "replay.pkl")
+    other = make_model("CartPole-v1", replay_context=not saved_context, learning_starts=0, train_ratio=32)
+    with pytest.warns(UserWarning, match="replay-context latents"):
+        other.load_replay_buffer(tmp_path / "replay.pkl")
+    loaded = other.replay_buffer
+    np.testing.assert_array_equal(loaded.observations, model.replay_buffer.observations)
+    samples = loaded.sample(4, 8)
+    if saved_context:
+        assert loaded.latent_dims is None and not hasattr(loaded, "deter") and samples.context_deter is None
+    else:
+        rssm = other.policy.world_model.rssm
+        assert loaded.latent_dims == (rssm.deter_dim, rssm.stoch_dim) and loaded.deter.shape[1:] == (1, rssm.deter_dim)
+        assert not loaded.deter.any() and not samples.context_deter.any()
+    other.learn(20, reset_num_timesteps=False)
+    assert other._n_updates > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same sizes: no warning
+        make_model("CartPole-v1", replay_context=saved_context).load_replay_buffer(tmp_path / "replay.pkl")
 
 
 # ------------------------------------------------------------------------------------ replay context
@@ -460,6 +507,29 @@ def test_device_storage_pickles_as_numpy_and_loads_back_on_the_device(tmp_path):
     assert loaded.storage == "device" and isinstance(loaded.observations, th.Tensor)
     th.testing.assert_close(loaded.observations, buffer.observations)
     th.testing.assert_close(loaded.stoch, buffer.stoch)
+
+
+@pytest.mark.skipif(not th.cuda.is_available(), reason="needs a CUDA device")
+def test_device_storage_loads_onto_the_models_device(tmp_path):
+    """A buffer with storage="device" saved by a CPU model and loaded into a CUDA one (or back): its
+    rows move to the loading model's device."""
+    cpu = make_model("CartPole-v1", learning_starts=10_000, replay_buffer_kwargs=dict(storage="device"), device="cpu")
+    cpu.learn(40)
+    cpu.save_replay_buffer(tmp_path / "replay.pkl")
+    cuda = make_model("CartPole-v1", replay_buffer_kwargs=dict(storage="device"), device="cuda")
+    cuda.load_replay_buffer(tmp_path / "replay.pkl")
+    assert cuda.replay_buffer.observations.device.type == "cuda"
+    assert cuda.replay_buffer.sample(4, 8).observations.device.type == "cuda"
+    cuda.save_replay_buffer(tmp_path / "replay_cuda.pkl")
+    cpu.load_replay_buffer(tmp_path / "replay_cuda.pkl")
+    assert cpu.replay_buffer.observations.device.type == "cpu"
+
+
+def test_buffer_to_moves_device_storage():
+    buffer = fill_both("device", latent_dims=(2, 3))
+    buffer.to("cpu")
+    assert buffer.device == th.device("cpu") and buffer.observations.device.type == "cpu"
+    assert buffer.sample(2, 3).observations.device.type == "cpu"
 
 
 def test_dreamer_trains_with_replay_on_the_device():
