@@ -125,6 +125,7 @@ def _experiment_manager(checkpoint_every: int | None = None, resume: str | None 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.resumed_from: dict[str, Any] | None = None
+            self.resumed_checkpoint: Path | None = None
             if self.optimize_hyperparameters:
                 if checkpoint_every is not None or resume is not None:
                     raise ValueError("--checkpoint-every and --resume are for training runs, not for --optimize studies")
@@ -147,6 +148,7 @@ def _experiment_manager(checkpoint_every: int | None = None, resume: str | None 
                         f"--resume {resume}: no complete checkpoint_<steps>/ in it; a run saves them with --checkpoint-every"
                     )
                 self.resumed_from = zoo_resume.read_progress(checkpoint)
+                self.resumed_checkpoint = checkpoint
                 self.save_path = str(resume)
                 self.trained_agent = str(checkpoint / "model.zip")  # the zoo's continue-training path
                 self.continue_training = True
@@ -180,7 +182,9 @@ def _experiment_manager(checkpoint_every: int | None = None, resume: str | None 
                 raise ValueError("--checkpoint-every and --resume need evaluations (--eval-freq > 0): checkpoints follow them")
             if self.resumed_from is not None:
                 steps = self.resumed_from["num_timesteps"]
-                zoo_resume.restore_evaluations(evaluation, os.path.join(self.save_path, "evaluations.npz"), up_to=steps)
+                zoo_resume.restore_evaluations(
+                    evaluation, os.path.join(self.save_path, zoo_resume.EVALUATIONS), up_to=steps, checkpoint=self.resumed_checkpoint
+                )
             if checkpoint_every is not None:
                 offset = 0.0 if self.resumed_from is None else self.resumed_from["wall_clock_s"]
                 saver = zoo_resume.CheckpointAfterEvaluation(self.save_path, self.env_name, checkpoint_every, offset)

@@ -198,11 +198,10 @@ def progress_line(job: Job) -> str | None:
     path = Path(folders[-1]) / "evaluations.npz" if folders else None
     if path is None or not path.is_file():
         return None
-    try:
-        data = np.load(path)
-        timesteps, returns = data["timesteps"], data["results"]
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # caught mid-write by the run: read it next time
+    data = zoo_resume.read_evaluations(path)
+    if data is None:  # caught mid-write by the run: read it next time
         return None
+    timesteps, returns = data["timesteps"], data["results"]
     if len(timesteps) == 0:
         return None
     return f"{int(timesteps[-1])} env steps, last evaluation {returns[-1].mean():.1f}, best {returns.mean(1).max():.1f}"
@@ -239,7 +238,8 @@ def check_distinct_log_paths(runs: list[dict]) -> None:
     if shared:
         raise ValueError(
             f"Runs that share a zoo log folder (each overwrote the other's evaluations.npz): {shared}. Delete their "
-            "records in <out>/runs/ and run the benchmark again (sb3_dreamer.zoo train now claims distinct folders)"
+            "records and logs in <out>/runs/ (<run>.json and <run>.log: a log names the folder a rerun would continue) "
+            "and run the benchmark again (sb3_dreamer.zoo train now claims distinct folders)"
         )
 
 
@@ -258,7 +258,8 @@ def check_protocol(done: list[tuple[str, str, int]], args: argparse.Namespace) -
         raise SystemExit(
             f"Finished runs in {args.out} were recorded with another protocol than this command's:\n{lines}\n"
             f"Pass the same --n-timesteps, --eval-freq, --eval-episodes and --params, give this protocol its own --out, "
-            f"or delete those records ({args.out / 'runs'}/<run>.json) to run them again."
+            f"or delete those records and their logs ({args.out / 'runs'}/<run>.json and <run>.log, which names the zoo "
+            f"folder a rerun would continue) to run them again in new zoo folders."
         )
 
 
@@ -321,9 +322,18 @@ def load_runs(out: Path, algos: list[str], envs: list[str], seeds: list[int]) ->
                 if not evaluations.is_file():
                     raise FileNotFoundError(
                         f"{path} records a finished run in {record['log_path']}, which has no evaluations.npz (moved or "
-                        "deleted?): restore the folder, or delete the record to run it again"
+                        f"deleted?): restore the folder, or delete the record and its log ({path.with_suffix('.log')}) to run it again"
                     )
-                data = np.load(evaluations)
+                data = zoo_resume.read_evaluations(evaluations, retries=0 if record["finished"] else 5)
+                if data is None and record["finished"]:
+                    raise ValueError(
+                        f"{evaluations} of the finished run {name} cannot be read (damaged?): restore it (its last "
+                        f"checkpoint_<steps>/ holds a copy up to that step), or delete the record and its log "
+                        f"({path.with_suffix('.log')}) to run it again"
+                    )
+                if data is None:  # still rewritten by the run after five tries: shown at its next evaluation
+                    print(f"{name}: {evaluations} is being written; left out of this report", file=sys.stderr)
+                    continue
                 # Only evaluations within the budget: the zoo's PPO trains whole rollouts (n_envs x n_steps)
                 # and so evaluates past -n, which would compare it at more env steps than the others.
                 budget = run_budget(record)

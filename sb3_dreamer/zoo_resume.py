@@ -8,7 +8,8 @@ A checkpoint is taken right after an evaluation, so a resumed run evaluates at t
 as an uninterrupted one. It is a folder ``<run>/checkpoint_<steps>/`` holding ``model.zip`` (also
 linked as ``<run>/rl_model_<steps>_steps.zip``, where the zoo's ``enjoy --load-last-checkpoint`` looks),
 ``replay_buffer.pkl`` (off-policy algorithms and Dreamer), ``<Env>/vecnormalize.pkl`` (when the
-env is normalised) and, written last, ``progress.json``: a folder without it is incomplete and
+env is normalised), ``evaluations.npz`` (the evaluations so far: the run's own file is rewritten in
+place at every evaluation, so a stop can cut it) and, written last, ``progress.json``: a folder without it is incomplete and
 ignored. Older checkpoints are deleted once a newer one is complete, so a stop at any moment leaves
 one complete checkpoint. Resuming keeps ``evaluations.npz`` up to the checkpoint's step, keeps the
 earlier training-episode log beside the new one (``*.monitor.csv``, as SB3's ``load_results``
@@ -27,6 +28,7 @@ import re
 import shutil
 import time
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -34,6 +36,7 @@ import numpy as np
 from stable_baselines3.common.callbacks import BaseCallback, EvalCallback
 
 PROGRESS = "progress.json"
+EVALUATIONS = "evaluations.npz"  # the name of SB3's EvalCallback file, in the run folder and in a checkpoint
 
 # The zoo arguments a resumed attempt must share with the run's first: its evaluations (and so its
 # curve and checkpoints), its seed, the hyperparameter overrides (``-params``), which the zoo
@@ -121,6 +124,8 @@ class CheckpointAfterEvaluation(BaseCallback):
         if vec_normalize is not None:
             (folder / self.env_name).mkdir()
             vec_normalize.save(str(folder / self.env_name / "vecnormalize.pkl"))
+        if isinstance(self.parent, EvalCallback):
+            save_evaluations(self.parent, folder / EVALUATIONS)
         progress = {"num_timesteps": self.num_timesteps, "wall_clock_s": self.wall_clock_offset + time.perf_counter() - self.start}
         tmp = folder / (PROGRESS + ".tmp")
         tmp.write_text(json.dumps(progress))
@@ -161,12 +166,41 @@ def unlink_zoo_checkpoint(checkpoint: Path) -> None:
         link.unlink()
 
 
-def restore_evaluations(eval_callback: EvalCallback, npz_path: str | Path, up_to: int) -> None:
-    """Give ``eval_callback`` the evaluations in ``npz_path`` at or before env step ``up_to``, so it
-    appends to them instead of overwriting the file with the resumed run's alone."""
+def save_evaluations(eval_callback: EvalCallback, path: Path) -> None:
+    """Write ``eval_callback``'s evaluations so far to ``path`` as its own ``evaluations.npz`` (the same arrays)."""
+    successes = {"successes": eval_callback.evaluations_successes} if eval_callback.evaluations_successes else {}
+    with open(path, "wb") as f:  # an open file: np.savez would append ".npz" to a name without it
+        np.savez(f, timesteps=eval_callback.evaluations_timesteps, results=eval_callback.evaluations_results,
+                 ep_lengths=eval_callback.evaluations_length, **successes)  # fmt: skip
+
+
+def read_evaluations(path: str | Path, retries: int = 0, wait_s: float = 0.2) -> dict[str, np.ndarray] | None:
+    """The arrays of an ``evaluations.npz``, read at once; None where the file cannot be read (the
+    run rewriting it in place, or a stop that cut it), after ``retries`` more tries ``wait_s`` apart."""
+    for attempt in range(retries + 1):
+        try:
+            with np.load(path) as data:
+                return {key: data[key] for key in data.files}
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
+            if attempt < retries:
+                time.sleep(wait_s)
+    return None
+
+
+def restore_evaluations(eval_callback: EvalCallback, npz_path: str | Path, up_to: int, checkpoint: Path | None = None) -> None:
+    """Give ``eval_callback`` the evaluations at or before env step ``up_to``, so it appends to them
+    instead of overwriting the file with the resumed run's alone: from the ``checkpoint``'s own copy
+    where it has one, else from the run's ``npz_path`` (ValueError if that is unreadable)."""
+    if checkpoint is not None and (checkpoint / EVALUATIONS).is_file():
+        npz_path = checkpoint / EVALUATIONS
     if not Path(npz_path).is_file():
         return
-    data = np.load(npz_path)
+    data = read_evaluations(npz_path, retries=2)
+    if data is None:
+        raise ValueError(
+            f"{npz_path} cannot be read (cut by the stop while the run rewrote it?) and {checkpoint} has no copy of "
+            f"the evaluations: move the file aside to resume without the evaluations up to step {up_to}"
+        )
     keep = data["timesteps"] <= up_to
     eval_callback.evaluations_timesteps = data["timesteps"][keep].tolist()
     eval_callback.evaluations_results = data["results"][keep].tolist()

@@ -218,7 +218,9 @@ def test_a_run_resumes_from_its_checkpoint_in_its_own_folder(tmp_path):
     zoo("train", *common, "-n", "300", *params, cwd=tmp_path)
     run = tmp_path / "logs" / "dreamer" / "CartPole-v1_1"
     assert sorted(p.name for p in run.glob("checkpoint_*")) == ["checkpoint_300"]  # older ones deleted
-    assert {p.name for p in (run / "checkpoint_300").iterdir()} == {"model.zip", "replay_buffer.pkl", "progress.json"}
+    assert {p.name for p in (run / "checkpoint_300").iterdir()} == {"model.zip", "replay_buffer.pkl", "evaluations.npz", "progress.json"}
+    for key in ("timesteps", "results", "ep_lengths"):  # its copy of the evaluations so far
+        np.testing.assert_array_equal(np.load(run / "checkpoint_300" / "evaluations.npz")[key], np.load(run / "evaluations.npz")[key])
     assert read_progress(run / "checkpoint_300")["num_timesteps"] == 300
     assert sorted(p.name for p in run.glob("rl_model_*")) == ["rl_model_300_steps.zip"]  # the zoo's name for it
     assert os.path.samefile(run / "rl_model_300_steps.zip", run / "checkpoint_300" / "model.zip")
@@ -368,6 +370,49 @@ def test_restore_evaluations_keeps_those_up_to_the_checkpoint(tmp_path):
     assert callback.evaluations_timesteps == [100, 200]
     assert callback.evaluations_results == [[1.0, 3.0], [5.0, 7.0]] and callback.evaluations_length == [[1, 3], [5, 7]]
     assert callback.best_mean_reward == 6.0
+
+
+def test_restore_evaluations_reads_the_checkpoints_copy_when_the_runs_file_was_cut(tmp_path):
+    """EvalCallback rewrites evaluations.npz in place, so a stop can leave it cut: a resume reads the
+    checkpoint's copy (checkpoints before it had none: then a clear error, not a bare BadZipFile)."""
+    import gymnasium as gym
+    from stable_baselines3.common.callbacks import EvalCallback
+
+    from sb3_dreamer.zoo_resume import restore_evaluations
+
+    arrays = dict(timesteps=np.array([100, 200]), results=np.array([[1.0], [5.0]]), ep_lengths=np.array([[1], [5]]))
+    np.savez(tmp_path / "full.npz", **arrays)
+    (tmp_path / "evaluations.npz").write_bytes((tmp_path / "full.npz").read_bytes()[:150])  # cut mid-write
+    checkpoint = tmp_path / "checkpoint_200"
+    checkpoint.mkdir()
+    callback = EvalCallback(gym.make("CartPole-v1"))
+    with pytest.raises(ValueError, match="cannot be read .* move the file aside to resume without the evaluations up to step 200"):
+        restore_evaluations(callback, tmp_path / "evaluations.npz", up_to=200, checkpoint=checkpoint)
+    np.savez(checkpoint / "evaluations.npz", **arrays)
+    restore_evaluations(callback, tmp_path / "evaluations.npz", up_to=200, checkpoint=checkpoint)
+    assert callback.evaluations_timesteps == [100, 200] and callback.best_mean_reward == 5.0
+
+
+def test_report_leaves_out_a_running_jobs_file_caught_mid_write(tmp_path, capsys):
+    """--report-only beside a training grid: an evaluations.npz being rewritten is left out of that
+    report (a finished run's unreadable file is an error naming the fix)."""
+    from sb3_dreamer.zoo_benchmark import load_runs
+
+    bench = tmp_path / "bench"
+    (bench / "runs").mkdir(parents=True)
+    for seed in (0, 1):
+        folder = tmp_path / "logs" / f"CartPole-v1_{seed + 1}"
+        folder.mkdir(parents=True)
+        np.savez(folder / "evaluations.npz", timesteps=np.array([1000]), results=np.array([[480.0]]), ep_lengths=np.ones((1, 1)))
+        (bench / "runs" / f"dreamer_CartPole-v1_seed{seed}.log").write_text(f"Log path: {folder}\n")
+    cut = tmp_path / "logs" / "CartPole-v1_2" / "evaluations.npz"
+    cut.write_bytes(cut.read_bytes()[:150])
+    runs = load_runs(bench, ["dreamer"], ["CartPole-v1"], [0, 1])
+    assert [run["seed"] for run in runs] == [0] and "is being written; left out of this report" in capsys.readouterr().err
+    record = dict(algo="dreamer", env="CartPole-v1", seed=1, log_path=str(cut.parent), wall_clock_s=60.0)
+    (bench / "runs" / "dreamer_CartPole-v1_seed1.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="cannot be read .*restore it .*or delete the record and its log"):
+        load_runs(bench, ["dreamer"], ["CartPole-v1"], [0, 1])
 
 
 def test_running_jobs_report_their_latest_evaluation(tmp_path, capsys):
