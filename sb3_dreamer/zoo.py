@@ -159,6 +159,21 @@ def _experiment_manager(checkpoint_every: int | None = None, resume: str | None 
                 self.seed = seed
                 self.params_path = f"{self.save_path}/{self.env_name}"
 
+        def read_hyperparameters(self) -> tuple[dict[str, Any], dict[str, Any]]:
+            """The zoo's, refused on a resume where they differ from those the run began with (which the
+            zoo would otherwise apply to the loaded model, and write over the run's config.yml)."""
+            hyperparams, saved = super().read_hyperparameters()
+            if self.resumed_from is not None:
+                started = zoo_resume.read_run_config(self.save_path, self.env_name)
+                mismatches = zoo_resume.config_mismatches(started, dict(saved)) if started is not None else []
+                if mismatches:
+                    raise ValueError(
+                        f"--resume {self.save_path}: the run began with other hyperparameters than this command reads "
+                        f"(from {self.config}): {'; '.join(mismatches)}. Resume it with the -conf, --trial-id and -params it "
+                        f"began with (its {self.env_name}/config.yml and args.yml), or start a new run"
+                    )
+            return hyperparams, saved
+
         def create_log_folder(self) -> None:
             # Claimed here, once the hyperparameters are read (as the zoo creates its folder), so a run
             # that fails before (no entry for the env, a wrong -conf path) leaves no empty folder behind.

@@ -74,6 +74,28 @@ def differences(recorded: dict[str, Any], wanted: dict[str, Any], label: str, ke
     ]
 
 
+def read_run_config(run_folder: str | Path, env_name: str) -> dict[str, Any] | None:
+    """The hyperparameters a run was started with (its ``<Env>/config.yml``: the zoo's YAML entry with
+    an Optuna trial's values and ``-params`` applied); None if the file is missing."""
+    path = Path(run_folder) / env_name / "config.yml"
+    if not path.is_file():
+        return None
+    import yaml
+
+    with open(path) as f:
+        return dict(yaml.load(f, Loader=yaml.UnsafeLoader))
+
+
+def config_mismatches(started: dict[str, Any], resumed: dict[str, Any]) -> list[str]:
+    """The hyperparameters that differ between those a run ``started`` with and those the attempt
+    that would resume it reads (``-conf`` file, Optuna trial, ``-params``), as ``"<key> <started>
+    (this command: <resumed>)"``; ``n_timesteps`` is left out (the budget, given by ``-n``, may grow)."""
+    keys = sorted((started.keys() | resumed.keys()) - {"n_timesteps"})
+    return [
+        f"{key} {started.get(key)!r} (this command: {resumed.get(key)!r})" for key in keys if started.get(key) != resumed.get(key)
+    ]
+
+
 def resume_mismatches(started: dict[str, Any], resumed: dict[str, Any]) -> list[str]:
     """Which of :data:`RESUMED_ARGS` differ between the arguments a run ``started`` with and those
     of the attempt that would resume it (``{name: value}``; one missing from ``started`` is not compared)."""

@@ -247,6 +247,15 @@ def test_a_run_resumes_from_its_checkpoint_in_its_own_folder(tmp_path):
         cwd=tmp_path, capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"),
     )  # fmt: skip
     assert refused.returncode != 0 and "the run began with other arguments than this command's: eval_freq 100" in refused.stderr
+    # Another hyperparameter file (or Optuna trial) would change the loaded model's settings: refused too.
+    (tmp_path / "other.yml").write_text("CartPole-v1:\n  n_timesteps: 10000\n  policy: MlpLatentPolicy\n  normalize: false\n  gamma: 0.99\n")
+    refused = subprocess.run(
+        [sys.executable, "-m", "sb3_dreamer.zoo", "train", *common, "-n", "500", "--resume", str(run), "-conf", "other.yml", *params],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    assert refused.returncode != 0 and "other hyperparameters than this command reads" in refused.stderr
+    assert "gamma None (this command: 0.99)" in refused.stderr
+    assert "gamma" not in (run / "CartPole-v1" / "config.yml").read_text()  # the run's record of its settings kept
     assert sorted(p.name for p in run.glob("checkpoint_*")) == ["checkpoint_300"]  # untouched
 
     out = zoo("train", *common, "-n", "500", "--resume", str(run), *params, cwd=tmp_path)
