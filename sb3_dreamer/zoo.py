@@ -177,6 +177,8 @@ def _experiment_manager(checkpoint_every: int | None = None, resume: str | None 
         def create_log_folder(self) -> None:
             # Claimed here, once the hyperparameters are read (as the zoo creates its folder), so a run
             # that fails before (no entry for the env, a wrong -conf path) leaves no empty folder behind.
+            if (checkpoint_every is not None or self.resumed_from is not None) and self.eval_freq <= 0:
+                raise ValueError("--checkpoint-every and --resume need evaluations (--eval-freq > 0): checkpoints follow them")
             if checkpoint_every is not None and 0 < self.eval_freq and self.n_timesteps < self.eval_freq:
                 raise ValueError(
                     f"--checkpoint-every: checkpoints follow evaluations, and --eval-freq {self.eval_freq} (the zoo's "

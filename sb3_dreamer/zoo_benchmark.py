@@ -109,6 +109,11 @@ def argument_errors(args: argparse.Namespace) -> list[str]:
             errors.append(f"unknown env {env_id!r}: {error}")
     malformed = [item for item in args.params or [] if ":" not in item]
     errors += [f"--params takes key:value items (the zoo's -params), got {item!r}" for item in malformed]
+    if args.eval_freq <= 0 or args.eval_freq > args.n_timesteps:
+        errors.append(
+            f"--eval-freq {args.eval_freq} evaluates no run within --n-timesteps {args.n_timesteps}: the benchmark reads "
+            "runs by their evaluations (and checkpoints follow them); pass 0 < --eval-freq <= --n-timesteps"
+        )
     return errors
 
 

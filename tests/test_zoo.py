@@ -194,6 +194,7 @@ def test_benchmark_refuses_unknown_algos_envs_and_params_before_any_run(tmp_path
     err = capsys.readouterr().err
     assert "unknown algo 'foo'; the zoo's algorithms: a2c" in err and "dreamer" in err and "unknown env 'NoSuchEnv-v0'" in err
     assert "--params takes key:value items (the zoo's -params), got 'foo'" in err and "train_ratio" not in err
+    assert "--eval-freq 1000 evaluates no run within --n-timesteps 100" in err
     assert not (tmp_path / "runs").exists()  # nothing started
 
 
@@ -275,7 +276,7 @@ def test_a_run_resumes_from_its_checkpoint_in_its_own_folder(tmp_path):
 
 
 def test_train_fails_early_without_leaving_a_run_folder(tmp_path):
-    """--checkpoint-every with evaluations past the budget would take no checkpoint: refused. A run that
+    """--checkpoint-every without evaluations, or with them past the budget, would take no checkpoint: refused. A run that
     fails before its hyperparameters are read (no entry for the env) claims no folder, as the zoo."""
     def train(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -285,6 +286,8 @@ def test_train_fails_early_without_leaving_a_run_folder(tmp_path):
 
     proc = train("--algo", "dreamer", "-n", "300", "--checkpoint-every", "1")  # the zoo's --eval-freq: 25000
     assert proc.returncode != 0 and "--eval-freq 25000" in proc.stderr and "past this run's budget of 300" in proc.stderr
+    proc = train("--algo", "dreamer", "-n", "300", "--checkpoint-every", "1", "--eval-freq", "0")
+    assert proc.returncode != 0 and "need evaluations (--eval-freq > 0)" in proc.stderr
     (tmp_path / "pendulum_only.yml").write_text("Pendulum-v1:\n  n_timesteps: 100\n  policy: MlpPolicy\n")
     proc = train("--algo", "ppo", "-conf", "pendulum_only.yml")
     assert proc.returncode != 0 and "Hyperparameters not found" in proc.stderr
@@ -492,7 +495,8 @@ def test_a_run_that_exits_before_its_budget_is_not_recorded(tmp_path, monkeypatc
                   f"zipfile.ZipFile({str(folder / 'CartPole-v1.zip')!r}, 'w').writestr('data', json.dumps({{'num_timesteps': {steps}}}))")  # fmt: skip
         return [sys.executable, "-c", script]
 
-    bench = ["--algos", "ppo", "--envs", "CartPole-v1", "--seeds", "0", "--n-timesteps", "200", "--out", str(tmp_path / "bench")]
+    bench = ["--algos", "ppo", "--envs", "CartPole-v1", "--seeds", "0", "--n-timesteps", "200", "--eval-freq", "100",
+             "--out", str(tmp_path / "bench")]  # fmt: skip
     monkeypatch.setattr(zoo_benchmark, "train_command", fake_train)
     steps = 120
     with pytest.raises(SystemExit, match="No evaluations yet"):
