@@ -142,6 +142,7 @@ def _experiment_manager(checkpoint_every: int | None = None, resume: str | None 
                         f"--resume {resume}: the run began with other arguments than this command's: {'; '.join(mismatches)}. "
                         f"Resume it with the arguments it began with (its {self.env_name}/args.yml), or start a new run"
                     )
+                zoo_resume.hold_run_lock(resume)  # before anything in the folder changes
                 checkpoint = zoo_resume.latest_checkpoint(resume)
                 if checkpoint is None:
                     raise ValueError(
@@ -152,7 +153,6 @@ def _experiment_manager(checkpoint_every: int | None = None, resume: str | None 
                 self.save_path = str(resume)
                 self.trained_agent = str(checkpoint / "model.zip")  # the zoo's continue-training path
                 self.continue_training = True
-                zoo_resume.keep_earlier_monitor_logs(resume, self.resumed_from["num_timesteps"])
                 # Seeded anew, so the random streams (env resets, exploration, replay) do not replay the run's start.
                 seed = self.seed + int(self.resumed_from["num_timesteps"])
                 print(f"Resuming {resume} from {checkpoint.name}, seeded with {self.seed} + {seed - self.seed}")
@@ -185,9 +185,13 @@ def _experiment_manager(checkpoint_every: int | None = None, resume: str | None 
                     f"default unless given) is past this run's budget of {self.n_timesteps} env steps, so none would be "
                     "taken. Pass an --eval-freq within the budget (e.g. --eval-freq 5000)."
                 )
+            if self.resumed_from is not None:  # the checks passed (arguments, hyperparameters): the folder changes from here
+                zoo_resume.keep_earlier_monitor_logs(self.save_path, self.resumed_from["num_timesteps"])
             if self.resumed_from is None and not self.optimize_hyperparameters and not getattr(self.args, "uuid", False):
                 self.save_path = claim_run_folder(self.log_path, self.env_name)
                 self.params_path = f"{self.save_path}/{self.env_name}"
+                if checkpoint_every is not None:  # a resumable run: no second process may resume it while it trains
+                    zoo_resume.hold_run_lock(self.save_path)
             super().create_log_folder()
 
         def create_callbacks(self) -> None:

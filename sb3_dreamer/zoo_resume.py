@@ -16,7 +16,8 @@ earlier training-episode log beside the new one (``*.monitor.csv``, as SB3's ``l
 reads them), and continues ``num_timesteps`` to the run's budget. It is not bit-identical to an
 uninterrupted run: the env is reset, and the random generators are seeded with the run's seed plus
 the checkpoint's env steps (so they do not replay the streams of the run's start), which keeps a
-resumed run reproducible.
+resumed run reproducible. A resumable run holds ``<run>/run.lock`` while it trains, so a second
+process cannot resume it meanwhile (:func:`hold_run_lock`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,36 @@ EVALUATIONS = "evaluations.npz"  # the name of SB3's EvalCallback file, in the r
 # would otherwise apply to the loaded model, and the env's arguments (``--env-kwargs``,
 # ``--eval-env-kwargs``). The budget (-n) may be raised.
 RESUMED_ARGS = ("seed", "eval_freq", "eval_episodes", "n_eval_envs", "hyperparams", "env_kwargs", "eval_env_kwargs")
+
+
+LOCK = "run.lock"
+_held_locks: list[Any] = []  # the open lock files of this process (see hold_run_lock)
+
+
+def hold_run_lock(run_folder: str | Path) -> None:
+    """Hold an exclusive lock on ``<run_folder>/run.lock`` for the rest of this process, so that a
+    second process cannot resume a run that is still training (it would move the monitor file the
+    first writes to, and each would delete the other's checkpoints). The OS releases the lock when
+    the process ends, however it ends, so a stopped run's folder is never left locked. Where there
+    is no ``fcntl`` (Windows) nothing is locked.
+
+    :raises RuntimeError: another process holds the lock
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return
+    path = Path(run_folder) / LOCK
+    lock_file = open(path, "a")
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.close()
+        raise RuntimeError(
+            f"{run_folder} is being trained by another process (it holds {path}): let that process finish or stop it "
+            "before resuming this run"
+        ) from None
+    _held_locks.append(lock_file)
 
 
 def latest_checkpoint(run_folder: str | Path) -> Path | None:

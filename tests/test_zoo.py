@@ -257,6 +257,17 @@ def test_a_run_resumes_from_its_checkpoint_in_its_own_folder(tmp_path):
     assert refused.returncode != 0 and "other hyperparameters than this command reads" in refused.stderr
     assert "gamma None (this command: 0.99)" in refused.stderr
     assert "gamma" not in (run / "CartPole-v1" / "config.yml").read_text()  # the run's record of its settings kept
+    # A run still training (a process holding its run.lock) is not resumed beside it.
+    import fcntl
+
+    with open(run / "run.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        refused = subprocess.run(
+            [sys.executable, "-m", "sb3_dreamer.zoo", "train", *common, "-n", "500", "--resume", str(run), *params],
+            cwd=tmp_path, capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"),
+        )  # fmt: skip
+    assert refused.returncode != 0 and "is being trained by another process" in refused.stderr
+    assert (run / "0.monitor.csv").is_file() and not list(run.glob("0.before_*"))  # nothing moved
     assert sorted(p.name for p in run.glob("checkpoint_*")) == ["checkpoint_300"]  # untouched
 
     out = zoo("train", *common, "-n", "500", "--resume", str(run), *params, cwd=tmp_path)
@@ -382,6 +393,18 @@ def test_restore_evaluations_keeps_those_up_to_the_checkpoint(tmp_path):
     assert callback.evaluations_timesteps == [100, 200]
     assert callback.evaluations_results == [[1.0, 3.0], [5.0, 7.0]] and callback.evaluations_length == [[1, 3], [5, 7]]
     assert callback.best_mean_reward == 6.0
+
+
+def test_run_lock_is_held_by_one_process_and_released_when_it_ends(tmp_path):
+    from sb3_dreamer.zoo_resume import hold_run_lock
+
+    hold_run_lock(tmp_path)
+    with pytest.raises(RuntimeError, match="is being trained by another process"):
+        hold_run_lock(tmp_path)  # another open of the lock file: refused, as another process would be
+    script = f"from sb3_dreamer.zoo_resume import hold_run_lock; hold_run_lock({str(tmp_path / 'other')!r})"
+    (tmp_path / "other").mkdir()
+    for _ in range(2):  # a process that ended left the folder free for the next
+        subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
 
 
 def test_restore_evaluations_reads_the_checkpoints_copy_when_the_runs_file_was_cut(tmp_path):
