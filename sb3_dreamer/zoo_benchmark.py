@@ -166,6 +166,20 @@ def protocol(algo: str, args: argparse.Namespace) -> dict:
     return dict(n_timesteps=args.n_timesteps, eval_freq=args.eval_freq, eval_episodes=args.eval_episodes, params=params)
 
 
+def mixed_protocols(runs: list[dict]) -> str | None:
+    """Where the finished runs of one report were recorded under different budgets or evaluation
+    protocols (a run command refuses that, ``--report-only`` reads whatever is there): a line per
+    protocol naming its runs; None when they agree."""
+    keys = ("n_timesteps", "eval_freq", "eval_episodes")
+    groups: dict[tuple, list[str]] = {}
+    for run in runs:
+        if run["finished"] and all(run.get(key) is not None for key in keys):
+            groups.setdefault(tuple(run[key] for key in keys), []).append(run_name(run["algo"], run["env"], run["seed"]))
+    if len(groups) < 2:
+        return None
+    return "\n".join(f"  n_timesteps {n}, eval_freq {f}, eval_episodes {e}: {', '.join(names)}" for (n, f, e), names in groups.items())
+
+
 def protocol_mismatches(record: dict, args: argparse.Namespace) -> list[str]:
     """How a finished run's record differs from this invocation's :func:`protocol` (a record
     written before a field was recorded is not compared on it)."""
@@ -546,6 +560,8 @@ def main(argv: list[str] | None = None) -> None:
 
     runs = load_runs(args.out, args.algos, args.envs, args.seeds)
     check_distinct_log_paths(runs)
+    if args.report_only and (mixed := mixed_protocols(runs)):
+        print(f"warning: this report mixes runs of different protocols (compare them with care):\n{mixed}", file=sys.stderr)
     if not runs:
         raise SystemExit(f"No evaluations yet in {args.out}; see the .log files in {args.out / 'runs'}")
     write_csv(runs, args.out / "evaluations.csv")

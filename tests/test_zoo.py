@@ -490,6 +490,28 @@ def test_report_reads_evaluations_within_the_budget_only(tmp_path):
     assert "2976" not in (bench / "evaluations.csv").read_text()
 
 
+def test_report_only_warns_when_runs_of_different_protocols_are_mixed(tmp_path, capsys):
+    from sb3_dreamer.zoo_benchmark import main
+
+    bench = tmp_path / "bench"
+    (bench / "runs").mkdir(parents=True)
+    for seed, budget in enumerate([1000, 1000, 2000]):
+        folder = tmp_path / "logs" / f"CartPole-v1_{seed + 1}"
+        folder.mkdir(parents=True)
+        np.savez(folder / "evaluations.npz", timesteps=np.array([1000]), results=np.array([[480.0]]), ep_lengths=np.ones((1, 1)))
+        record = dict(algo="dreamer", env="CartPole-v1", seed=seed, log_path=str(folder), wall_clock_s=60.0, n_timesteps=budget,
+                      eval_freq=1000, eval_episodes=10)  # fmt: skip
+        (bench / "runs" / f"dreamer_CartPole-v1_seed{seed}.json").write_text(json.dumps(record))
+    report = ["--algos", "dreamer", "--envs", "CartPole-v1", "--out", str(bench), "--report-only"]
+    main([*report, "--seeds", "0", "1"])
+    assert "mixes runs of different protocols" not in capsys.readouterr().err
+    main([*report, "--seeds", "0", "1", "2"])
+    err = capsys.readouterr().err
+    assert "this report mixes runs of different protocols" in err
+    assert "n_timesteps 1000, eval_freq 1000, eval_episodes 10: dreamer_CartPole-v1_seed0, dreamer_CartPole-v1_seed1" in err
+    assert "n_timesteps 2000, eval_freq 1000, eval_episodes 10: dreamer_CartPole-v1_seed2" in err
+
+
 def test_report_marks_runs_not_finished(tmp_path):
     """A stopped run (a log naming its zoo folder, no record) is read at its latest evaluation and marked."""
     from sb3_dreamer.zoo_benchmark import main
