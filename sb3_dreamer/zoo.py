@@ -154,8 +154,9 @@ def _experiment_manager(checkpoint_every: int | None = None, resume: str | None 
                 self.trained_agent = str(checkpoint / "model.zip")  # the zoo's continue-training path
                 self.continue_training = True
                 # Seeded anew, so the random streams (env resets, exploration, replay) do not replay the run's start.
-                seed = self.seed + int(self.resumed_from["num_timesteps"])
-                print(f"Resuming {resume} from {checkpoint.name}, seeded with {self.seed} + {seed - self.seed}")
+                steps = int(self.resumed_from["num_timesteps"])
+                seed = zoo_resume.resumed_seed(self.seed, steps)
+                print(f"Resuming {resume} from {checkpoint.name}, seeded with {self.seed} + {steps}")
                 self.seed = seed
                 self.params_path = f"{self.save_path}/{self.env_name}"
 

@@ -133,6 +133,13 @@ def resume_mismatches(started: dict[str, Any], resumed: dict[str, Any]) -> list[
     return differences(started, resumed, "this command", RESUMED_ARGS)
 
 
+def resumed_seed(seed: int, steps: int) -> int:
+    """The seed of a run resumed at env step ``steps``: its own plus the steps, so the random streams
+    do not replay the run's start; modulo 2**32, where numpy's seeds end (a run started without
+    ``--seed`` gets a random one, which may lie near that end)."""
+    return (seed + steps) % 2**32
+
+
 def read_progress(checkpoint: str | Path) -> dict[str, Any]:
     """``{"num_timesteps": int, "wall_clock_s": float}`` of a checkpoint folder."""
     return json.loads((Path(checkpoint) / PROGRESS).read_text())

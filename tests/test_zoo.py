@@ -400,6 +400,14 @@ def test_restore_evaluations_keeps_those_up_to_the_checkpoint(tmp_path):
     assert callback.best_mean_reward == 6.0
 
 
+def test_resumed_seed_stays_within_numpys_range():
+    from sb3_dreamer.zoo_resume import resumed_seed
+
+    assert resumed_seed(0, 300) == 300
+    assert resumed_seed(2**32 - 2, 5000) == 4998  # a random seed near the end, as the zoo draws one without --seed
+    np.random.seed(resumed_seed(2**32 - 2, 5000))
+
+
 def test_run_lock_is_held_by_one_process_and_released_when_it_ends(tmp_path):
     from sb3_dreamer.zoo_resume import hold_run_lock
 
