@@ -595,21 +595,24 @@ class Dreamer(BaseAlgorithm):
         actions = self.policy.to_env_action(action)  # as the env takes them (``locals["actions"]``, as in SB3)
         new_obs, rewards, dones, infos = env.step(actions)
         self.num_timesteps += n
-        callback.update_locals(locals())
-        # A callback that stops training still gets this step stored and the latent carried (unlike SB3's
-        # off-policy loop): a later learn(reset_num_timesteps=False) continues the episodes where they are.
-        continue_training = callback.on_step()
-        self._update_info_buffer(infos, dones)
+        stored_obs, stored_rewards, stored_infos = obs, rewards, infos
         normalizer = self._replay_normalizer
         if normalizer is not None:  # store what the env gave before normalisation, as SB3's off-policy algorithms do
             assert self._last_original_obs is not None
-            obs, rewards = self._last_original_obs, normalizer.get_original_reward()
-            infos = [  # new dicts: the callbacks' locals keep the env's
+            stored_obs, stored_rewards = self._last_original_obs, normalizer.get_original_reward()
+            stored_infos = [  # new dicts: the callbacks' locals keep the env's
                 dict(info, terminal_observation=normalizer.unnormalize_obs(info["terminal_observation"])) if done else info
                 for info, done in zip(infos, dones)
             ]
             self._last_original_obs = normalizer.get_original_obs()
-        self._store_transition(obs, action, starts, rewards, dones, infos, latent)
+        self._store_transition(stored_obs, action, starts, stored_rewards, dones, stored_infos, latent)
+        callback.update_locals(locals())
+        # Called once this step's rows are stored (SB3's off-policy loop calls it before storing, so a checkpoint
+        # saved by a callback there misses the step, and the end of an episode with it). A callback that stops
+        # training still gets this step stored and the latent carried: a later learn(reset_num_timesteps=False)
+        # continues the episodes where they are.
+        continue_training = callback.on_step()
+        self._update_info_buffer(infos, dones)
         self._last_obs, self._last_episode_starts, self._last_latent = new_obs, dones, latent  # type: ignore[assignment]
         self._update_current_progress_remaining(self.num_timesteps, self._total_timesteps)
         for done in dones:

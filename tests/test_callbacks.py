@@ -77,6 +77,23 @@ def test_checkpoint_callback_with_replay_buffer(tmp_path):
     ]
 
 
+def test_checkpoint_replay_buffer_holds_the_step_it_was_saved_at(tmp_path):
+    """A callback runs once the step's rows are stored: a replay buffer saved at step k holds k rows
+    (plus one final-observation row per episode end), the ending step's terminal flag included (SB3's
+    off-policy loop saves it before storing the step)."""
+    from stable_baselines3.common.save_util import load_from_pkl
+
+    from .helpers import counting_env
+
+    checkpoint = CheckpointCallback(save_freq=5, save_path=str(tmp_path), name_prefix="d", save_replay_buffer=True)
+    make_model(counting_env(max_episode_steps=100, terminate_at=5), learning_starts=10_000).learn(10, callback=checkpoint)
+    at_5 = load_from_pkl(tmp_path / "d_replay_buffer_5_steps.pkl")
+    assert at_5.size() == 6  # rows of obs 0-4, then the final observation 5 of the episode that terminated at step 5
+    assert at_5.is_terminal[5, 0] and at_5.is_last[5, 0] and at_5.observations[5, 0, 0] == 5
+    at_10 = load_from_pkl(tmp_path / "d_replay_buffer_10_steps.pkl")
+    assert at_10.size() == 12 and at_10.is_terminal[11, 0]  # the second episode ended at step 10 too
+
+
 def test_callback_list_every_n_timesteps_and_locals(tmp_path):
     callback = CountingCallback()
     on_event = CountingCallback()
