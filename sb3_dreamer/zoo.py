@@ -211,7 +211,7 @@ def _experiment_manager(checkpoint_every: int | None = None, resume: str | None 
                 offset = 0.0 if self.resumed_from is None else self.resumed_from["wall_clock_s"]
                 saver = zoo_resume.CheckpointAfterEvaluation(self.save_path, self.env_name, checkpoint_every, offset)
                 evaluation.callback = saver if evaluation.callback is None else CallbackList([evaluation.callback, saver])
-                evaluation.callback.parent = evaluation
+                evaluation.callback.parent = saver.parent = evaluation  # the saver reads the evaluations (also inside a list)
 
         def learn(self, model: Any) -> None:
             if self.resumed_from is None:
