@@ -240,10 +240,18 @@ class SequenceReplayBuffer:
         self.is_first = zeros(shape, np.bool_)
         self.is_last = zeros(shape, np.bool_)
         self.is_terminal = zeros(shape, np.bool_)
-        if self.latent_dims is not None:
-            self.deter = zeros((*shape, self.latent_dims[0]), np.float16)
-            self.stoch = zeros((*shape, self.latent_dims[1]), np.float16)
+        self._allocate_latents()
         self._allocated = True
+
+    def _allocate_latents(self) -> None:
+        """Zero arrays for the replay-context latents of :attr:`latent_dims` (none without them), in
+        place of any the buffer held."""
+        for key in ("deter", "stoch"):
+            self.__dict__.pop(key, None)
+        if self.latent_dims is not None:
+            shape = (self.capacity, self.n_envs)
+            self.deter = self._zeros((*shape, self.latent_dims[0]), np.float16)
+            self.stoch = self._zeros((*shape, self.latent_dims[1]), np.float16)
 
     @property
     def nbytes(self) -> int:
@@ -385,11 +393,7 @@ class SequenceReplayBuffer:
             return False
         self.latent_dims = latent_dims
         if self._allocated:
-            shape = (self.capacity, self.n_envs)
-            for key, size in zip(("deter", "stoch"), latent_dims or (None, None)):
-                self.__dict__.pop(key, None)
-                if size is not None:
-                    setattr(self, key, self._zeros((*shape, size), np.float16))
+            self._allocate_latents()
         return True
 
     def update_latents(self, indices: tuple[np.ndarray, np.ndarray], deter: th.Tensor, stoch: th.Tensor) -> None:

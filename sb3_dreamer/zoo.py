@@ -199,9 +199,8 @@ def _experiment_manager(checkpoint_every: int | None = None, resume: str | None 
             super().create_callbacks()
             if self.optimize_hyperparameters or (checkpoint_every is None and self.resumed_from is None):
                 return
-            evaluation = next((c for c in self.callbacks if isinstance(c, EvalCallback)), None)
-            if evaluation is None:
-                raise ValueError("--checkpoint-every and --resume need evaluations (--eval-freq > 0): checkpoints follow them")
+            # Never None: create_log_folder refused --checkpoint-every and --resume without evaluations.
+            evaluation = next(c for c in self.callbacks if isinstance(c, EvalCallback))
             if self.resumed_from is not None:
                 steps = self.resumed_from["num_timesteps"]
                 zoo_resume.restore_evaluations(
