@@ -438,16 +438,22 @@ def results_table(runs: list[dict]) -> str:
     if normalised:
         lines += ["", f"Normalised final return (random policy 0, threshold 1), IQM over seeds x envs ({', '.join(normalised)}):", ""]
         lines += ["| algo | IQM [95% CI] |", "|---|---|"]
+        left_out = []
         for algo in algos:
             seeds = sorted({r["seed"] for r in runs if r["algo"] == algo})
             table = {(r["env"], r["seed"]): r["mean"][-1] for r in runs if r["algo"] == algo}
-            if not all((e, s) in table for e in normalised for s in seeds):
-                continue  # the stratified bootstrap needs every (seed, env) cell
+            missing = {e: [str(s) for s in seeds if (e, s) not in table] for e in normalised}
+            if any(missing.values()):  # the stratified bootstrap needs every (seed, env) cell
+                cells = [f"{e} seed{'s' * (len(m) > 1)} {', '.join(m)}" for e, m in missing.items() if m]
+                left_out.append(f"{algo} (no run of {'; '.join(cells)})")
+                continue
             scores = np.array(
                 [[(table[e, s] - RANDOM_RETURNS[e]) / (THRESHOLDS[e] - RANDOM_RETURNS[e]) for e in normalised] for s in seeds]
             )
             iqm, low, high = iqm_interval(scores)
             lines.append(f"| {algo} | {iqm:.2f} [{low:.2f}, {high:.2f}] |")
+        if left_out:
+            lines += ["", f"Left out of the aggregate, which needs a run for every env and seed: {', '.join(left_out)}."]
     return "\n".join(lines)
 
 

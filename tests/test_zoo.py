@@ -593,3 +593,20 @@ def test_stopping_the_launcher_stops_its_jobs(tmp_path):
     else:
         os.kill(child_pid, signal.SIGKILL)
         pytest.fail("the job outlived the launcher")
+
+
+def test_results_table_names_the_algos_left_out_of_the_aggregate():
+    from sb3_dreamer.zoo_benchmark import results_table
+
+    def run(algo, env_id, seed, final):
+        return {"algo": algo, "env": env_id, "seed": seed, "timesteps": [1000, 2000], "mean": [0.0, final],
+                "std": [0.0, 0.0], "finished": True, "wall_clock_s": 10.0}  # fmt: skip
+
+    runs = [run("dreamer", e, s, f) for e, f in (("CartPole-v1", 500.0), ("Pendulum-v1", -150.0)) for s in (0, 1)]
+    runs += [run("dqn", "CartPole-v1", s, 200.0) for s in (0, 1)] + [run("sac", "Pendulum-v1", 0, -160.0)]
+    table = results_table(runs)
+    assert "| dreamer | 1." in table and "| dqn | " not in table.split("Normalised")[1]
+    assert (
+        "Left out of the aggregate, which needs a run for every env and seed: dqn (no run of Pendulum-v1 seeds 0, 1), "
+        "sac (no run of CartPole-v1 seed 0)." in table
+    )
