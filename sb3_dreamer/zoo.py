@@ -206,6 +206,7 @@ def _experiment_manager(checkpoint_every: int | None = None, resume: str | None 
                 zoo_resume.restore_evaluations(
                     evaluation, os.path.join(self.save_path, zoo_resume.EVALUATIONS), up_to=steps, checkpoint=self.resumed_checkpoint
                 )
+                zoo_resume.restore_best_model(evaluation, self.resumed_checkpoint)
             if checkpoint_every is not None:
                 offset = 0.0 if self.resumed_from is None else self.resumed_from["wall_clock_s"]
                 saver = zoo_resume.CheckpointAfterEvaluation(self.save_path, self.env_name, checkpoint_every, offset)

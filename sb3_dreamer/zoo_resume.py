@@ -9,7 +9,8 @@ as an uninterrupted one. It is a folder ``<run>/checkpoint_<steps>/`` holding ``
 linked as ``<run>/rl_model_<steps>_steps.zip``, where the zoo's ``enjoy --load-last-checkpoint`` looks),
 ``replay_buffer.pkl`` (off-policy algorithms and Dreamer), ``<Env>/vecnormalize.pkl`` (when the
 env is normalised), ``evaluations.npz`` (the evaluations so far: the run's own file is rewritten in
-place at every evaluation, so a stop can cut it) and, written last, ``progress.json``: a folder without it is incomplete and
+place at every evaluation, so a stop can cut it), ``best_model.zip`` (a copy of the best model so far,
+given back on a resume: :func:`restore_best_model`) and, written last, ``progress.json``: a folder without it is incomplete and
 ignored. Older checkpoints are deleted once a newer one is complete, so a stop at any moment leaves
 one complete checkpoint. Resuming keeps ``evaluations.npz`` up to the checkpoint's step, keeps the
 earlier training-episode log beside the new one (``*.monitor.csv``, as SB3's ``load_results``
@@ -38,6 +39,7 @@ from stable_baselines3.common.callbacks import BaseCallback, EvalCallback
 
 PROGRESS = "progress.json"
 EVALUATIONS = "evaluations.npz"  # the name of SB3's EvalCallback file, in the run folder and in a checkpoint
+BEST_MODEL = "best_model.zip"  # EvalCallback's best model, in its best_model_save_path and in a checkpoint
 
 # The zoo arguments a resumed attempt must share with the run's first: its evaluations (and so its
 # curve and checkpoints), its seed, the hyperparameter overrides (``-params``), which the zoo
@@ -186,6 +188,9 @@ class CheckpointAfterEvaluation(BaseCallback):
             vec_normalize.save(str(folder / self.env_name / "vecnormalize.pkl"))
         if isinstance(self.parent, EvalCallback):
             save_evaluations(self.parent, folder / EVALUATIONS)
+            best = best_model_path(self.parent)
+            if best is not None and best.is_file():  # EvalCallback rewrites it in place: a copy, not a link
+                shutil.copy2(best, folder / BEST_MODEL)
         progress = {"num_timesteps": self.num_timesteps, "wall_clock_s": self.wall_clock_offset + time.perf_counter() - self.start}
         tmp = folder / (PROGRESS + ".tmp")
         tmp.write_text(json.dumps(progress))
@@ -269,6 +274,39 @@ def restore_evaluations(eval_callback: EvalCallback, npz_path: str | Path, up_to
         eval_callback.evaluations_successes = data["successes"][keep].tolist()
     if keep.any():
         eval_callback.best_mean_reward = float(np.max(np.mean(data["results"][keep], axis=1)))
+
+
+def best_model_path(eval_callback: EvalCallback) -> Path | None:
+    """Where ``eval_callback`` saves its best model, or None where it saves none."""
+    folder = eval_callback.best_model_save_path
+    return None if folder is None else Path(folder) / BEST_MODEL
+
+
+def restore_best_model(eval_callback: EvalCallback, checkpoint: Path) -> None:
+    """Give a resumed run the best model of the evaluations it keeps (those up to ``checkpoint``): a
+    ``best_model.zip`` the stopped attempt saved after the checkpoint came from an evaluation the
+    resumed run discards, so it moves to ``best_model.after_<steps>.discarded.zip`` and the
+    checkpoint's copy comes back. A checkpoint written before checkpoints kept a copy has none to give
+    back: then ``best_model.zip`` returns at the next evaluation that beats the kept ones (a warning
+    says so)."""
+    best = best_model_path(eval_callback)
+    if best is None:
+        return
+    copy = checkpoint / BEST_MODEL
+    progress = checkpoint / PROGRESS
+    saved_after = best.is_file() and best.stat().st_mtime > progress.stat().st_mtime
+    if saved_after or (best.is_file() and copy.is_file() and best.read_bytes() != copy.read_bytes()):
+        aside = best.with_name(f"best_model.after_{checkpoint.name.removeprefix('checkpoint_')}.discarded.zip")
+        os.replace(best, aside)
+        if not copy.is_file():
+            warnings.warn(
+                f"{best} was saved after {checkpoint.name} by the stopped attempt, from an evaluation this resume "
+                f"discards: moved to {aside.name}. The checkpoint holds no copy of the best model before it, so "
+                f"{best.name} comes back at the next evaluation above {eval_callback.best_mean_reward:g}",
+                stacklevel=2,
+            )
+    if copy.is_file() and not best.is_file():
+        shutil.copy2(copy, best)
 
 
 def keep_earlier_monitor_logs(run_folder: str | Path, resumed_at: int) -> None:

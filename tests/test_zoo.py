@@ -224,9 +224,10 @@ def test_a_run_resumes_from_its_checkpoint_in_its_own_folder(tmp_path):
     zoo("train", *common, "-n", "300", *params, cwd=tmp_path)
     run = tmp_path / "logs" / "dreamer" / "CartPole-v1_1"
     assert sorted(p.name for p in run.glob("checkpoint_*")) == ["checkpoint_300"]  # older ones deleted
-    assert {p.name for p in (run / "checkpoint_300").iterdir()} == {"model.zip", "replay_buffer.pkl", "evaluations.npz", "progress.json"}
+    assert {p.name for p in (run / "checkpoint_300").iterdir()} == {"model.zip", "replay_buffer.pkl", "evaluations.npz", "best_model.zip", "progress.json"}
     for key in ("timesteps", "results", "ep_lengths"):  # its copy of the evaluations so far
         np.testing.assert_array_equal(np.load(run / "checkpoint_300" / "evaluations.npz")[key], np.load(run / "evaluations.npz")[key])
+    assert (run / "checkpoint_300" / "best_model.zip").read_bytes() == (run / "best_model.zip").read_bytes()
     assert read_progress(run / "checkpoint_300")["num_timesteps"] == 300
     assert sorted(p.name for p in run.glob("rl_model_*")) == ["rl_model_300_steps.zip"]  # the zoo's name for it
     assert os.path.samefile(run / "rl_model_300_steps.zip", run / "checkpoint_300" / "model.zip")
@@ -398,6 +399,38 @@ def test_restore_evaluations_keeps_those_up_to_the_checkpoint(tmp_path):
     assert callback.evaluations_timesteps == [100, 200]
     assert callback.evaluations_results == [[1.0, 3.0], [5.0, 7.0]] and callback.evaluations_length == [[1, 3], [5, 7]]
     assert callback.best_mean_reward == 6.0
+
+
+def test_resume_gives_back_the_best_model_of_the_kept_evaluations(tmp_path):
+    """A best_model.zip the stopped attempt saved after the checkpoint came from an evaluation the
+    resume discards: moved aside, and the checkpoint's copy comes back (without a copy: a warning)."""
+    import gymnasium as gym
+    from stable_baselines3.common.callbacks import EvalCallback
+
+    from sb3_dreamer.zoo_resume import restore_best_model
+
+    callback = EvalCallback(gym.make("CartPole-v1"), best_model_save_path=str(tmp_path))
+    checkpoint = tmp_path / "checkpoint_200"
+    checkpoint.mkdir()
+    (checkpoint / "progress.json").write_text('{"num_timesteps": 200, "wall_clock_s": 1.0}')
+    os.utime(checkpoint / "progress.json", (1_000, 1_000))
+    (tmp_path / "best_model.zip").write_bytes(b"at 100")
+    os.utime(tmp_path / "best_model.zip", (900, 900))
+    restore_best_model(callback, checkpoint)  # saved before the checkpoint: kept
+    assert (tmp_path / "best_model.zip").read_bytes() == b"at 100" and not list(tmp_path.glob("*.discarded.zip"))
+
+    (tmp_path / "best_model.zip").write_bytes(b"at 300")  # saved now, after the checkpoint
+    with pytest.warns(UserWarning, match="saved after checkpoint_200 .* no copy of the best model before it"):
+        restore_best_model(callback, checkpoint)
+    assert not (tmp_path / "best_model.zip").exists()
+    assert (tmp_path / "best_model.after_200.discarded.zip").read_bytes() == b"at 300"
+
+    (checkpoint / "best_model.zip").write_bytes(b"at 100")  # a checkpoint with its copy
+    (tmp_path / "best_model.zip").write_bytes(b"at 400")
+    restore_best_model(callback, checkpoint)
+    assert (tmp_path / "best_model.zip").read_bytes() == b"at 100"
+    assert (tmp_path / "best_model.after_200.discarded.zip").read_bytes() == b"at 400"  # the latest discarded one
+    restore_best_model(EvalCallback(gym.make("CartPole-v1")), checkpoint)  # no best_model_save_path: nothing to do
 
 
 def test_resumed_seed_stays_within_numpys_range():
