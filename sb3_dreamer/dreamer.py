@@ -69,9 +69,9 @@ def check_spaces(
 ) -> None:
     """Raise ValueError naming the space (and what is supported) when Dreamer with ``policy_class`` cannot handle it.
 
-    Observations: Box vectors (MlpLatentPolicy), Box images (CnnLatentPolicy; channel-last or
-    channel-first, uint8 in [0, 255] unless ``normalize_images`` is False), Dict of those
-    (MultiInputLatentPolicy). Actions: Discrete, MultiDiscrete, MultiBinary, bounded Box.
+    Observations: Box vectors (MlpLatentPolicy), Box images (CnnLatentPolicy; uint8 in [0, 255],
+    channel-last or channel-first; or, with ``normalize_images=False``, any 3-D Box, channel-first
+    unless uint8, since SB3 transposes only those), Dict of those (MultiInputLatentPolicy). Actions: Discrete, MultiDiscrete, MultiBinary, bounded Box.
     """
     if not isinstance(action_space, (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)):
         raise ValueError(
@@ -80,6 +80,19 @@ def check_spaces(
     if isinstance(action_space, spaces.Box) and not np.all(np.isfinite([action_space.low, action_space.high])):
         raise ValueError(f"Dreamer needs finite bounds on Box action spaces, got {action_space}; wrap the env to bound them")
     check_observation_space(policy_class, observation_space, normalize_images)
+
+
+def check_final_observations(dones: np.ndarray, infos: list[dict]) -> None:
+    """Raise ValueError where an env's episode ended without ``infos[i]["terminal_observation"]``,
+    the final observation Dreamer stores (its reward and continue flag are what the world model
+    learns an episode's end from)."""
+    missing = [int(i) for i in np.flatnonzero(dones) if infos[i].get("terminal_observation") is None]
+    if missing:
+        raise ValueError(
+            f"the VecEnv gave no infos[i]['terminal_observation'] for the episode that ended in env(s) {missing}: Dreamer "
+            "stores each episode's final observation. Use a VecEnv that puts it there, as SB3's DummyVecEnv and "
+            "SubprocVecEnv do (a VecEnvWrapper that rebuilds the infos must keep that key)"
+        )
 
 
 class Dreamer(BaseAlgorithm):
@@ -595,6 +608,7 @@ class Dreamer(BaseAlgorithm):
         actions = self.policy.to_env_action(action)  # as the env takes them (``locals["actions"]``, as in SB3)
         new_obs, rewards, dones, infos = env.step(actions)
         self.num_timesteps += n
+        check_final_observations(dones, infos)
         stored_obs, stored_rewards, stored_infos = obs, rewards, infos
         normalizer = self._replay_normalizer
         if normalizer is not None:  # store what the env gave before normalisation, as SB3's off-policy algorithms do

@@ -38,6 +38,14 @@ def observation_kind(observation_space: spaces.Space, normalize_images: bool = T
     "image" (a Box SB3 sees as an image, see :func:`~sb3_dreamer.buffers.is_image`) or "dict" (a Dict
     of those); ValueError naming the space for anything else."""
     supported = (spaces.Box, *DISCRETE_SPACES)
+    subspaces = observation_space.spaces if isinstance(observation_space, spaces.Dict) else {"": observation_space}
+    for key, sub in subspaces.items():
+        if isinstance(sub, spaces.MultiDiscrete) and sub.nvec.ndim > 1:
+            raise ValueError(
+                f"Dreamer (as Stable-Baselines3) supports only one-dimensional MultiDiscrete observations, got MultiDiscrete({sub.nvec.tolist()})"
+                + (f" for key {key!r}" if key else "")
+                + "; flatten it with a gymnasium ObservationWrapper (obs.reshape(-1), MultiDiscrete(nvec.reshape(-1)))"
+            )
     if isinstance(observation_space, spaces.Dict):
         others = {key: sub for key, sub in observation_space.spaces.items() if not isinstance(sub, supported)}
         if others or not observation_space.spaces:

@@ -263,6 +263,16 @@ def test_unsupported_observation_spaces_raise(policy, space, match):
         make_image_model(SpaceEnv(space, spaces.Discrete(2)), policy)
 
 
+@pytest.mark.parametrize("dict_obs", [False, True], ids=["box", "dict"])
+def test_channel_last_float_images_are_refused_with_a_fix_that_works(dict_obs):
+    """SB3 transposes only uint8 images: a channel-last float one (an image with normalize_images=False)
+    must come channel-first, and the message says how, not "wrap it in VecTransposeImage" (which refuses it)."""
+    image = spaces.Box(0.0, 1.0, (16, 16, 3), dtype=np.float32)
+    space, policy = (spaces.Dict(img=image, vec=VECTOR), "MultiInputPolicy") if dict_obs else (image, "CnnPolicy")
+    with pytest.raises(ValueError, match=r"channel-first .*transposes only uint8 images.*np\.moveaxis"):
+        make_image_model(SpaceEnv(space, spaces.Discrete(2)), policy, policy_kwargs=dict(normalize_images=False))
+
+
 # ------------------------------------------------------------------------------------ dreams
 def test_dream_and_plot_of_images(tmp_path, dict_model):
     cnn = make_image_model(FakeImageEnv(screen_height=20, screen_width=20, n_channels=3), seed=0)

@@ -184,8 +184,11 @@ def test_learning_rate_schedule():
         (SpaceEnv(VECTOR_OBS, spaces.Box(-np.inf, np.inf, shape=(2,), dtype=np.float32)), "finite bounds"),
         (SimpleMultiObsEnv(), "Dict"),
         (FakeImageEnv(screen_height=40, screen_width=40, n_channels=2), "CnnLatentPolicy"),
+        (SpaceEnv(spaces.MultiDiscrete([[2, 3], [2, 2]]), spaces.Discrete(2)), "one-dimensional MultiDiscrete.*flatten"),
+        (SpaceEnv(spaces.Dict({"v": VECTOR_OBS, "m": spaces.MultiDiscrete([[2], [3]])}), spaces.Discrete(2)), "for key 'm'"),
     ],
-    ids=["tuple-obs", "dict-obs-with-text", "tuple-action", "unbounded-box-action", "dict-obs", "image-obs"],
+    ids=["tuple-obs", "dict-obs-with-text", "tuple-action", "unbounded-box-action", "dict-obs", "image-obs", "2d-multidiscrete-obs",
+         "2d-multidiscrete-in-dict"],  # fmt: skip
 )
 def test_unsupported_spaces_raise(env, space_name):  # space_name: the space, or the fix the message names
     with pytest.raises(ValueError, match=space_name):
@@ -274,3 +277,21 @@ def test_gym_env_is_wrapped():
     model = make_model(gym.make("CartPole-v1"), learning_starts=10_000)
     model.learn(5)
     assert model.get_env().num_envs == 1
+
+
+def test_a_vec_env_without_final_observations_is_refused_with_the_fix():
+    """Dreamer stores each episode's final observation: a VecEnv that does not give it (SB3's put it in
+    infos[i]["terminal_observation"]) is refused when an episode ends, not a bare KeyError."""
+    from stable_baselines3.common.vec_env import VecEnvWrapper
+
+    class DropFinalObservation(VecEnvWrapper):
+        def reset(self):
+            return self.venv.reset()
+
+        def step_wait(self):
+            obs, rewards, dones, infos = self.venv.step_wait()
+            return obs, rewards, dones, [{k: v for k, v in info.items() if k != "terminal_observation"} for info in infos]
+
+    model = make_model(DropFinalObservation(make_vec_env("CartPole-v1", n_envs=2, seed=0)), learning_starts=1000)
+    with pytest.raises(ValueError, match=r"no infos\[i\]\['terminal_observation'\] for the episode that ended in env\(s\) \[\d"):
+        model.learn(300)

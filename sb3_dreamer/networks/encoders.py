@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch as th
 import torch.nn.functional as F
 from gymnasium import spaces
@@ -91,9 +92,15 @@ def split_keys(subspaces: dict[str, spaces.Box], normalize_images: bool = True) 
             vector_keys.append(key)
             continue
         if not is_image_space_channels_first(space):
-            raise ValueError(
-                f"Image observations must be channel-first [C, H, W], got shape {space.shape} for key {key!r}; "
+            fix = (
                 "wrap the env in VecTransposeImage (Dreamer does it for envs it is given)"
+                if space.dtype == np.uint8
+                else "SB3's VecTransposeImage (which Dreamer applies to the envs it is given) transposes only uint8 images, "
+                "so give this one channel-first, e.g. with a gymnasium ObservationWrapper that moves its last axis first "
+                "(np.moveaxis(obs, -1, 0), and the same for the Box's bounds)"
+            )
+            raise ValueError(
+                f"Image observations must be channel-first [C, H, W], got shape {space.shape} for key {key!r}; {fix}"
             )
         groups.setdefault(space.shape[1:], []).append(key)
     return vector_keys, list(groups.values())
