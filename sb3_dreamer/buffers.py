@@ -349,13 +349,16 @@ class SequenceReplayBuffer:
         if self.latent_dims is None:
             is_first[:, 0] = 1.0
         else:
-            has_context = offset > 0  # a row before the window exists in the column
-            is_first[:, 0] = th.maximum(is_first[:, 0], th.as_tensor(~has_context, dtype=th.float32, device=self.device))
             before, col = (rows[:, 0] - 1) % self.capacity, cols[:, 0]
-            keep = th.as_tensor(has_context[:, None], dtype=th.float32, device=self.device)
+            stoch = gather(self.stoch, before, col)  # [B, S*K]
+            # Context where a row before the window exists in the column and holds a latent: a stored
+            # latent's stoch is one-hots, all zeros where none was stored (set_latent_dims, final rows).
+            has_context = th.as_tensor(offset > 0, dtype=th.float32, device=self.device)
+            keep = (has_context * (stoch.amax(-1) > 0))[:, None]  # [B, 1]
+            is_first[:, 0] = th.maximum(is_first[:, 0], 1.0 - keep[:, 0])
             context = dict(
                 context_deter=gather(self.deter, before, col) * keep,
-                context_stoch=gather(self.stoch, before, col) * keep,
+                context_stoch=stoch * keep,
                 context_action=gather(self.actions, before, col) * keep,
             )
         return SequenceSamples(
@@ -385,9 +388,9 @@ class SequenceReplayBuffer:
 
     def set_latent_dims(self, latent_dims: tuple[int, int] | None) -> bool:
         """Store latents of sizes (D, S*K) for replay context from now on (None: none). Latents of
-        other sizes are dropped, and rows without latents get zeros: the latent of a row not yet
-        replayed, from which the window after it starts as without replay context (the latents are
-        refreshed whenever rows are replayed). Returns whether anything changed."""
+        other sizes are dropped, and rows without latents get zeros, which :meth:`sample` reads as
+        no latent: the window after such a row starts as without replay context (``is_first``)
+        until the row is replayed and its latent refreshed. Returns whether anything changed."""
         latent_dims = tuple(latent_dims) if latent_dims is not None else None
         if latent_dims == self.latent_dims:
             return False

@@ -391,6 +391,7 @@ def test_load_replay_buffer_adapts_replay_context_latents(tmp_path, saved_contex
         rssm = other.policy.world_model.rssm
         assert loaded.latent_dims == (rssm.deter_dim, rssm.stoch_dim) and loaded.deter.shape[1:] == (1, rssm.deter_dim)
         assert not loaded.deter.any() and not samples.context_deter.any()
+        assert samples.is_first[:, 0].all() and not samples.context_action.any()  # from the reset state, as without context
     other.learn(20, reset_num_timesteps=False)
     assert other._n_updates > 0
     with warnings.catch_warnings():
@@ -403,21 +404,23 @@ def test_replay_context_starts_windows_from_the_stored_latent_of_the_row_before(
     np.random.seed(0)
     buffer = SequenceReplayBuffer(10, OBS_SPACE, ACTION_SPACE, device="cpu", latent_dims=(2, 3))
     false = np.zeros(1, dtype=bool)
-    for value in range(6):  # row r holds obs r, latent (r, r) / (r, r, r), action one-hot of r % 2
+    for value in range(6):  # row r holds obs r, latent (r + 1) / (r + 1, ...), action one-hot of r % 2; row 2 no latent
         action = np.eye(2, dtype=np.float32)[[value % 2]]
-        buffer.add([[value]], action, [value], false, false, false, deter=np.full((1, 2), value), stoch=np.full((1, 3), value))
+        latent = 0 if value == 2 else value + 1
+        buffer.add([[value]], action, [value], false, false, false, deter=np.full((1, 2), latent), stoch=np.full((1, 3), latent))
     samples = buffer.sample(batch_size=64, sequence_length=3)
     first = samples.observations[:, 0, 0]
-    has_context = first > 0
+    has_context = (first > 0) & (first != 3)
     # The row before a window: its latent and action become the window's starting carry.
-    th.testing.assert_close(samples.context_deter[:, 0], th.where(has_context, first - 1, th.zeros_like(first)))
-    th.testing.assert_close(samples.context_stoch[:, 2], th.where(has_context, first - 1, th.zeros_like(first)))
+    th.testing.assert_close(samples.context_deter[:, 0], th.where(has_context, first, th.zeros_like(first)))
+    th.testing.assert_close(samples.context_stoch[:, 2], th.where(has_context, first, th.zeros_like(first)))
     expected_action = th.nn.functional.one_hot(((first - 1) % 2).long(), 2).float() * has_context[:, None]
     th.testing.assert_close(samples.context_action, expected_action)
     th.testing.assert_close(samples.prev_actions[:, 0], expected_action)
-    # is_first is forced only where the window starts at the column's oldest row.
+    # is_first is forced where the window starts at the column's oldest row, or after a row without a
+    # latent (zeros: set_latent_dims gave the row none), so the window starts from the reset state.
     th.testing.assert_close(samples.is_first[:, 0], (~has_context).float())
-    assert has_context.any() and (~has_context).any()
+    assert has_context.any() and (first == 0).any() and (first == 3).any()
 
 
 def test_replay_context_update_latents_writes_back():
