@@ -7,7 +7,8 @@ solve" is the first evaluation whose mean return reaches the env's threshold.
 
 Each (env, seed) runs in its own process (pinned to one core with one torch thread when
 ``--jobs`` > 1) and writes ``<out>/<env>_seed<seed>.json``; finished runs are skipped, so an
-interrupted benchmark resumes. The table is printed (Markdown) and written to ``<out>/results.md``.
+interrupted benchmark resumes. Each evaluation is printed as it appears in its run's log
+(``<out>/<env>_seed<seed>.log``), and at the end the table (Markdown), also written to ``<out>/results.md``.
 
 The policy follows the observation space (``MlpLatentPolicy``, ``CnnLatentPolicy`` for images,
 ``MultiInputLatentPolicy`` for Dict). Pixel tasks (:mod:`sb3_dreamer.envs`, for a GPU):
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -96,6 +98,36 @@ def policy_for(observation_space: spaces.Space) -> str:
     return "CnnLatentPolicy" if is_image_space(observation_space, check_channels=False) else "MlpLatentPolicy"
 
 
+# SB3's EvalCallback (verbose=1) prints one such line per evaluation.
+EVALUATION_LINE = re.compile(r"^Eval num_timesteps=(\d+), episode_reward=(\S+) \+/- (\S+)$", flags=re.MULTILINE)
+
+
+class EvaluationPrinter:
+    """The evaluations of running jobs, each once, from their logs: for ``run_jobs``'s ``status``
+    (while a job runs) and ``on_done`` (those it wrote after the last look). A log that already
+    holds evaluations (an earlier, stopped attempt's) shows only those written after ``start``."""
+
+    def __init__(self) -> None:
+        self.shown: dict[str, int] = {}
+
+    @staticmethod
+    def evaluations(job: Job) -> list[tuple[str, str, str]]:
+        return EVALUATION_LINE.findall(job.log.read_text()) if job.log.is_file() else []
+
+    def start(self, job: Job) -> None:
+        self.shown[job.name] = len(self.evaluations(job))
+
+    def __call__(self, job: Job) -> str | None:
+        found = self.evaluations(job)
+        new, self.shown[job.name] = found[self.shown.get(job.name, 0) :], len(found)
+        return "; ".join(f"{int(t):,} env steps, evaluation {float(m):.1f} +/- {float(sd):.1f}" for t, m, sd in new) or None
+
+    def done(self, job: Job, code: int, seconds: float) -> None:
+        line = self(job)
+        if line is not None:
+            print(f"    {job.name}: {line}", flush=True)
+
+
 def first_solved(returns: list[float], threshold: float) -> int | None:
     """Index of the first evaluation return at or above the threshold (None if never)."""
     return next((i for i, r in enumerate(returns) if r >= threshold), None)
@@ -149,14 +181,15 @@ def main(argv: list[str] | None = None) -> None:
 
     todo = [(e, s) for e in args.envs for s in args.seeds if not (args.out / f"{e}_seed{s}.json").exists()]
     print(f"{len(todo)} run(s) to do, {len(args.envs) * len(args.seeds) - len(todo)} already done in {args.out}", flush=True)
-    jobs = []
+    jobs, printer = [], EvaluationPrinter()
     for env_id, seed in todo:
         cmd = [sys.executable, "-m", "sb3_dreamer.benchmark", "--one", env_id, str(seed), "--out", str(args.out),
                "--kwargs", json.dumps(args.kwargs), "--eval-freq", str(args.eval_freq), "--eval-episodes", str(args.eval_episodes)]  # fmt: skip
         if args.steps:
             cmd += ["--steps", str(args.steps)]
         jobs.append(Job(f"{env_id} seed {seed}", cmd, args.out / f"{env_id}_seed{seed}.log"))
-    run_jobs(jobs, args.jobs)
+        printer.start(jobs[-1])
+    run_jobs(jobs, args.jobs, status=printer, status_every=5.0, on_done=printer.done)
     records = [json.loads(p.read_text()) for e in args.envs for s in args.seeds if (p := args.out / f"{e}_seed{s}.json").exists()]
     result = table(records)
     (args.out / "results.md").write_text(result + "\n")

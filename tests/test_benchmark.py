@@ -12,10 +12,12 @@ from sb3_dreamer.benchmark import main
 from .helpers import TINY_POLICY_KWARGS
 
 
-def test_benchmark_writes_records_and_table(tmp_path):
+def test_benchmark_writes_records_and_table(tmp_path, capsys):
     kwargs = dict(policy_kwargs=TINY_POLICY_KWARGS, learning_starts=50, batch_size=2, sequence_length=8, train_ratio=4)
     args = ["--envs", "CartPole-v1", "--seeds", "0", "--steps", "200", "--eval-freq", "100", "--eval-episodes", "1"]
     main([*args, "--out", str(tmp_path), "--kwargs", json.dumps(kwargs)])
+    printed = capsys.readouterr().out  # each evaluation once, while the run trains or when it ends
+    assert printed.count(" 100 env steps, evaluation ") == 1 and printed.count(" 200 env steps, evaluation ") == 1
     record = json.loads((tmp_path / "CartPole-v1_seed0.json").read_text())
     assert record["eval_timesteps"] == [100, 200]
     assert len(record["eval_returns"]) == len(record["eval_wall_clock_s"]) == 2
@@ -23,6 +25,26 @@ def test_benchmark_writes_records_and_table(tmp_path):
     assert record["n_updates"] > 0
     table = (tmp_path / "results.md").read_text()
     assert "| CartPole-v1 (475) |" in table
+
+
+def test_evaluation_printer_shows_each_new_evaluation_once(tmp_path, capsys):
+    from sb3_dreamer.benchmark import EvaluationPrinter
+    from sb3_dreamer.launcher import Job
+
+    job = Job("CartPole-v1 seed 0", [], tmp_path / "run.log")
+    job.log.write_text("Eval num_timesteps=1000, episode_reward=9.00 +/- 0.50\n")  # an earlier, stopped attempt's
+    printer = EvaluationPrinter()
+    printer.start(job)
+    assert printer(job) is None
+    with open(job.log, "a") as log:
+        log.write("=== a rerun\nEval num_timesteps=1000, episode_reward=20.10 +/- 1.00\nEpisode length: 20.10 +/- 1.00\n")
+        log.write("Eval num_timesteps=2000, episode_reward=-150.25 +/- 3.00\n")
+    assert printer(job) == "1,000 env steps, evaluation 20.1 +/- 1.0; 2,000 env steps, evaluation -150.2 +/- 3.0"
+    assert printer(job) is None
+    with open(job.log, "a") as log:
+        log.write("Eval num_timesteps=3000, episode_reward=500.00 +/- 0.00\n")
+    printer.done(job, 0, 1.0)
+    assert capsys.readouterr().out == "    CartPole-v1 seed 0: 3,000 env steps, evaluation 500.0 +/- 0.0\n"
 
 
 def test_benchmark_evaluates_images_as_the_policy_was_trained(tmp_path):
