@@ -501,3 +501,82 @@ def test_discrete_observations_become_one_hots_and_bits():
     assert th.equal(vector_values(th.tensor([[[[1.0, 0], [0, 1.0]]]]), bits), th.tensor([[[1.0, 0, 0, 1.0]]]))
     box = spaces.Box(-1, 1, (2, 3))
     assert vector_size(box) == 6 and vector_values(th.ones(4, 5, 2, 3), box).shape == (4, 5, 6)
+
+
+# ------------------------------------------------------------------------------------ LaProp, beyond the first step
+def test_laprop_second_step_by_hand():
+    """Two steps with distinct gradients, written out: RMS scaling first, then momentum on the scaled
+    update (LaProp), bias corrections of both averages and the linear warm-up (Adam's order, momentum
+    on the raw gradient divided by the RMS after, gives other numbers here)."""
+    import math
+
+    lr, beta1, beta2, warmup = 0.1, 0.9, 0.999, 4
+    start, g1, g2 = [1.0, -2.0, 0.5], [0.3, -4.0, 1.0], [-1.2, 0.5, 2.0]
+    param = th.nn.Parameter(th.tensor(start))
+    optimizer = LaProp([param], lr=lr, betas=(beta1, beta2), warmup=warmup, agc=0.0)
+    for g in (g1, g2):
+        param.grad = th.tensor(g)
+        optimizer.step()
+    expected = []
+    for p, a, b in zip(start, g1, g2):
+        v1 = (1 - beta2) * a * a
+        u1 = a / math.sqrt(v1 / (1 - beta2))  # sign(a)
+        m1 = (1 - beta1) * u1
+        p -= lr * (1 / warmup) * m1 / (1 - beta1)
+        v2 = beta2 * v1 + (1 - beta2) * b * b
+        u2 = b / math.sqrt(v2 / (1 - beta2**2))
+        m2 = beta1 * m1 + (1 - beta1) * u2
+        p -= lr * (2 / warmup) * m2 / (1 - beta1**2)
+        expected.append(p)
+    th.testing.assert_close(param.detach(), th.tensor(expected), rtol=1e-6, atol=1e-6)
+
+
+def agc_run(agc: float, grads: list[list[th.Tensor]]) -> list[th.Tensor]:
+    """Parameters (one non-zero tensor, one all-zero) after LaProp steps with the given gradients."""
+    params = [th.nn.Parameter(th.tensor([[3.0, -4.0], [0.0, 12.0]])), th.nn.Parameter(th.zeros(3))]
+    optimizer = LaProp(params, lr=0.1, warmup=0, agc=agc, agc_pmin=1e-3)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        optimizer.step()
+    return [p.detach() for p in params]
+
+
+def test_laprop_adaptive_gradient_clipping():
+    """AGC rescales each tensor's gradient to at most ``agc * max(|p|, pmin)`` in norm, the norms over
+    the whole tensor (Frobenius), per tensor: a huge gradient steps as that gradient scaled to
+    0.3 |p| does without clipping; a small one is left alone; and without AGC the steps differ."""
+    huge = [th.tensor([[1e4, 2e4], [-3e4, 5e3]]), th.tensor([1e3, -2e3, 4e3])]
+    small = [th.tensor([[1e-3, -2e-3], [3e-3, 1e-3]]), th.tensor([1e-5, 2e-5, -1e-5])]  # below 0.3 |p| after step 1
+    # |p| = sqrt(9 + 16 + 0 + 144) = 13 for the first tensor, pmin = 1e-3 for the zero one.
+    clipped = [g * (0.3 * n / g.norm()) for g, n in zip(huge, (13.0, 1e-3))]
+    with_agc = agc_run(0.3, [huge, small])
+    for x, y in zip(with_agc, agc_run(0.0, [clipped, small])):
+        th.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+    without = agc_run(0.0, [huge, small])
+    assert not th.allclose(with_agc[0], without[0], rtol=0, atol=1e-4), "AGC changed nothing"
+
+
+# ------------------------------------------------------------------------------------ symlog of vector observations
+def test_vector_observations_are_symlog_scaled_for_the_encoder_and_the_decoder_target():
+    """A Box key's prepared input (what the encoder sees) is ``sign(x) * log(1 + |x|)``, for a plain
+    Box and for a Box key of a Dict, and the decoder's reconstruction target is that same symlog(obs)."""
+    import math
+
+    from sb3_dreamer.buffers import OBS_KEY
+    from sb3_dreamer.networks.encoders import MultiEncoder
+
+    values = [-1000.0, -2.0, -0.5, 0.0, 0.25, 3.0, 1e5]
+    symlog = th.tensor([math.copysign(math.log1p(abs(x)), x) for x in values])
+    obs = th.tensor(values).view(1, 1, 7)
+    wm = make_world_model(obs_dim=7)
+    th.testing.assert_close(wm.encoder.prepare(obs)[OBS_KEY], symlog.view(1, 1, 7))
+    th.testing.assert_close(wm.embed(obs), wm.encoder({OBS_KEY: symlog.view(1, 1, 7)}))
+    dict_space = spaces.Dict({"vec": spaces.Box(-th.inf, th.inf, (7,)), "other": spaces.Box(-1, 1, (2,))})
+    encoder = MultiEncoder(dict_space, units=8, layers=1)
+    th.testing.assert_close(encoder.prepare({"vec": obs, "other": th.zeros(1, 1, 2)})["vec"], symlog.view(1, 1, 7))
+    # The decoder's target: rec_loss = sum over values of (prediction - symlog(obs))^2, averaged over steps.
+    obs = th.tensor(values).repeat(2, 3, 1)
+    out = wm.loss(obs, th.zeros(2, 3, 2), th.zeros(2, 3), th.tensor([[1.0, 0, 0]] * 2), th.zeros(2, 3), gamma=0.99)
+    prediction = wm.decoder(th.cat([out.deter, out.stoch], -1))[OBS_KEY]
+    th.testing.assert_close(out.metrics["rec_loss"], ((prediction - symlog) ** 2).sum(-1).mean())
