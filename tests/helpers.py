@@ -97,6 +97,24 @@ class SpaceEnv(gym.Env):
         return self.observation_space.sample(), 0.0, False, False, {}
 
 
+def fixed_batch(
+    obs_dim: int = 3, action_dim: int = 2, steps: int = 8, terminals: tuple[tuple[int, int], ...] = ((0, -1),), seed: int = 0
+) -> tuple[th.Tensor, ...]:
+    """A world-model batch of 2 sequences of ``steps``: obs [2, T, obs_dim], previous one-hot actions
+    [2, T, action_dim], rewards [2, T] (random, from ``seed``), is_first at t = 0, is_terminal at
+    each (sequence, step) of ``terminals``."""
+    gen = th.Generator().manual_seed(seed)
+    obs = th.randn(2, steps, obs_dim, generator=gen)
+    prev_action = th.nn.functional.one_hot(th.randint(action_dim, (2, steps), generator=gen), action_dim).float()
+    reward = th.randn(2, steps, generator=gen)
+    is_first = th.zeros(2, steps)
+    is_first[:, 0] = 1.0
+    is_terminal = th.zeros(2, steps)
+    for b, t in terminals:
+        is_terminal[b, t] = 1.0
+    return obs, prev_action, reward, is_first, is_terminal
+
+
 def counting_env(terminate_at: int | None = None, max_episode_steps: int | None = None) -> gym.Env:
     env: gym.Env = CountingEnv(terminate_at)
     if max_episode_steps is not None:

@@ -18,7 +18,7 @@ from torch import nn
 from sb3_dreamer.policies import DreamerPolicy
 from sb3_dreamer.type_aliases import ActorLosses, Trajectory
 
-from .helpers import TINY_POLICY_KWARGS, TINY_RSSM_KWARGS, counting_env, make_model, make_world_model
+from .helpers import TINY_POLICY_KWARGS, TINY_RSSM_KWARGS, counting_env, fixed_batch, make_model, make_world_model
 
 S, K = TINY_RSSM_KWARGS["stoch"], TINY_RSSM_KWARGS["classes"]
 DETER = TINY_RSSM_KWARGS["deter"]
@@ -66,24 +66,11 @@ def one_hot_logits(index: int, num_bins: int, *lead: int) -> th.Tensor:
 
 
 # ------------------------------------------------------------------------------------ world model
-def world_model_batch(obs_dim: int = 3, action_dim: int = 2):
-    gen = th.Generator().manual_seed(1)
-    obs = th.randn(2, 5, obs_dim, generator=gen)
-    prev_action = th.nn.functional.one_hot(th.randint(action_dim, (2, 5), generator=gen), action_dim).float()
-    reward = th.randn(2, 5, generator=gen)
-    is_first = th.zeros(2, 5)
-    is_first[:, 0] = 1.0
-    is_terminal = th.zeros(2, 5)
-    is_terminal[0, 2] = 1.0
-    is_terminal[1, 4] = 1.0
-    return obs, prev_action, reward, is_first, is_terminal
-
-
 def test_continue_target_is_not_terminal_times_gamma():
     """The continue head's target is ``(1 - is_terminal) * gamma`` (the discount learned into it),
     read exactly from the gradient of the BCE (``sigmoid(logit) - target``) and from its value."""
     wm = make_world_model()
-    obs, prev_action, reward, is_first, is_terminal = world_model_batch()
+    obs, prev_action, reward, is_first, is_terminal = fixed_batch(steps=5, terminals=((0, 2), (1, 4)), seed=1)
     logits = th.linspace(-2.0, 2.0, 10).view(2, 5, 1).requires_grad_()
     wm.cont_head = FixedOutput(logits)
     gamma = 0.9
@@ -105,7 +92,7 @@ def test_kl_stop_gradients_dynamics_into_the_prior_and_representation_into_the_p
     d/d log q = -dyn_scale * p and d/d log p = rep_scale * p * (log p - log q + 1)."""
     wm = make_world_model(free_bits=0.0, dyn_scale=1.0, rep_scale=0.1)
     gen = th.Generator().manual_seed(2)
-    obs, _, reward, _, is_terminal = world_model_batch()
+    obs, _, reward, _, is_terminal = fixed_batch(steps=5, terminals=((0, 2), (1, 4)), seed=1)
     post = th.log_softmax(th.randn(2, 5, S, K, generator=gen), -1).requires_grad_()
     prior = th.log_softmax(th.randn(2, 5, S, K, generator=gen), -1).requires_grad_()
     wm.rssm.prior_logits = lambda deter: prior  # the prior's log-probs as a leaf

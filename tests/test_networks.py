@@ -17,7 +17,7 @@ from sb3_dreamer.networks.layers import BlockLinear, NormLinear
 from sb3_dreamer.optimizers import LaProp
 from sb3_dreamer.policies import DreamerPolicy
 
-from .helpers import TINY_POLICY_KWARGS, TINY_RSSM_KWARGS, assert_state_dicts_equal, make_rssm, make_world_model
+from .helpers import TINY_POLICY_KWARGS, TINY_RSSM_KWARGS, assert_state_dicts_equal, fixed_batch, make_rssm, make_world_model
 
 B, T, E, A = 2, 6, 5, 2
 DETER, STOCH_DIM = TINY_RSSM_KWARGS["deter"], TINY_RSSM_KWARGS["stoch"] * TINY_RSSM_KWARGS["classes"]
@@ -188,18 +188,6 @@ def test_reward_head_and_critic_predict_exactly_zero_at_init():
     feat = th.randn(4, wm.rssm.feat_dim)
     assert th.count_nonzero(wm.reward(feat)) == 0
     assert th.count_nonzero(critic.value(critic(feat))) == 0
-
-
-def fixed_batch(obs_dim: int = 3, action_dim: int = 2):
-    gen = th.Generator().manual_seed(0)
-    obs = th.randn(2, 8, obs_dim, generator=gen)
-    prev_action = th.nn.functional.one_hot(th.randint(action_dim, (2, 8), generator=gen), action_dim).float()
-    reward = th.randn(2, 8, generator=gen)
-    is_first = th.zeros(2, 8)
-    is_first[:, 0] = 1.0
-    is_terminal = th.zeros(2, 8)
-    is_terminal[0, -1] = 1.0
-    return obs, prev_action, reward, is_first, is_terminal
 
 
 def test_world_model_loss_shapes_and_metrics():
