@@ -5,6 +5,7 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
@@ -89,6 +90,29 @@ def test_state_is_carried(model):
     # The state's last entry is the (normalised) executed action.
     action, state = model.predict(obs, state=fresh, deterministic=True)
     np.testing.assert_array_equal(action, model.policy.to_env_action(state[2]))  # obs is batched: so is action
+
+
+def test_predict_steps_the_latent_with_the_previous_action(model):
+    """Deterministic predict along a sequence is the RSSM's posterior step fed the previous step's
+    action (zeros at the episode's start), then the actor's mode: checked against that loop."""
+    rng = np.random.default_rng(0)
+    observations = [model.observation_space.sample()[None] * rng.uniform(0.5, 1.0) for _ in range(4)]
+    state, executed = None, []
+    for i, obs in enumerate(observations):
+        _, state = model.predict(obs.astype(np.float32), state=state, episode_start=np.array([i == 0]), deterministic=True)
+        executed.append(state[2])
+    policy = model.policy
+    rssm, actor = policy.world_model.rssm, policy.actor
+    with th.no_grad():
+        deter, stoch = rssm.initial(1, policy.device)
+        prev_action = th.zeros(1, policy.action_dim)
+        for i, obs in enumerate(observations):
+            embed = rssm.embed_projection(policy.world_model.embed(policy.obs_to_tensor(obs.astype(np.float32))[0]))
+            deter, stoch, _ = rssm.obs_step(deter, stoch, prev_action, embed, th.tensor([float(i == 0)]), deterministic=True)
+            prev_action = actor(th.cat([deter, stoch], -1)).mode()
+            np.testing.assert_allclose(prev_action.numpy(), executed[i], atol=1e-6)
+    np.testing.assert_allclose(deter.numpy(), state[0], atol=1e-5)
+    np.testing.assert_array_equal(stoch.numpy(), state[1])
 
 
 def test_episode_start_equals_fresh_state(model):
