@@ -448,7 +448,16 @@ def test_dreamer_with_replay_context_stores_and_uses_latents():
     # A window that does not start at the column's oldest row starts from the stored latent of the row before it.
     starts_inside = samples.indices[0][:, 0] > 0
     assert starts_inside.any() and (samples.context_deter[th.as_tensor(starts_inside)].abs().sum(-1) > 0).all()
+    # The update starts the world model's sequences from the batch's context latents.
+    sampled, given = [], []
+    sample, loss = buffer.sample, model.policy.world_model.loss
+    buffer.sample = lambda *args, **kwargs: sampled.append(sample(*args, **kwargs)) or sampled[-1]
+    model.policy.world_model.loss = lambda *args: given.append(args[-1]) or loss(*args)
     model.train(1)  # replayed rows get the training posterior's latents
+    del buffer.sample, model.policy.world_model.loss
+    assert len(sampled) == len(given) == 1 and given[0] is not None
+    th.testing.assert_close(given[0][0], sampled[0].context_deter)
+    th.testing.assert_close(given[0][1], sampled[0].context_stoch)
     assert not np.array_equal(np.asarray(buffer.deter[:rows, 0], np.float32), written)
     assert make_model("CartPole-v1").replay_buffer.latent_dims is None
 

@@ -35,9 +35,10 @@ def random_sequence(seed: int = 0, reset_at: int | None = None):
     return embed, prev_action, is_first
 
 
-def obs_step_loop(rssm, embed, prev_action, is_first, deterministic: bool, noise=None):
-    """observe() written out as a loop of obs_step from the zero state (``noise`` [B, T, S, K] or None)."""
-    deter, stoch = rssm.initial(embed.shape[0], embed.device)
+def obs_step_loop(rssm, embed, prev_action, is_first, deterministic: bool, noise=None, initial=None):
+    """observe() written out as a loop of obs_step from the zero state, or from ``initial`` (deter,
+    stoch) where given (``noise`` [B, T, S, K] or None)."""
+    deter, stoch = rssm.initial(embed.shape[0], embed.device) if initial is None else initial
     deters, stochs, logits = [], [], []
     for t in range(embed.shape[1]):
         proj = rssm.embed_projection(embed[:, t])
@@ -74,6 +75,25 @@ def test_rssm_observe_equals_obs_step_loop():
     # The noise decides the samples: other noise, other latents.
     other = rssm.observe(*sequence, noise=rssm.noise(B, T))[1]
     assert not th.equal(other, expected[1])
+
+
+def test_rssm_observe_carries_the_initial_state_into_step_zero():
+    """Replay context: a window not starting an episode (is_first 0 at step 0) continues from the
+    given latent, and a window that does start one ignores it."""
+    rssm = make_rssm(E, A)
+    embed, prev_action, is_first = random_sequence()
+    is_first[0, 0] = 0.0  # sequence 0 continues from its context, sequence 1 starts an episode
+    gen = th.Generator().manual_seed(5)
+    groups = th.randint(TINY_RSSM_KWARGS["classes"], (B, TINY_RSSM_KWARGS["stoch"]), generator=gen)
+    initial = (th.randn(B, DETER, generator=gen), th.nn.functional.one_hot(groups).float().flatten(1))
+    noise = rssm.noise(B, T)
+    got = rssm.observe(embed, prev_action, is_first, initial=initial, noise=noise)
+    expected = obs_step_loop(rssm, embed, prev_action, is_first, deterministic=False, noise=noise, initial=initial)
+    for x, y in zip(got, expected):
+        th.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    from_zeros = rssm.observe(embed, prev_action, is_first, noise=noise)
+    assert not th.allclose(got[0][0, 0], from_zeros[0][0, 0], atol=1e-4)  # the context mattered
+    th.testing.assert_close(got[0][1], from_zeros[0][1])  # reset at the episode's start
 
 
 @pytest.mark.parametrize("chunk", [2, 3, T])
