@@ -117,7 +117,21 @@ def test_smoke_learn_discrete_observation_kinds(observation_space):
 
 
 def test_smoke_learn_progress_bar():
-    make_model("Pendulum-v1", learning_starts=20).learn(40, progress_bar=True)
+    model = make_model("Pendulum-v1", learning_starts=20).learn(40, progress_bar=True)
+    assert model.num_timesteps == 40 and model._n_updates > 0
+
+
+def test_actions_are_uniformly_random_before_learning_starts():
+    """The first learning_starts env steps act with random_action, as SB3's off-policy algorithms
+    sample the action space; after them, the actor acts."""
+    model = make_model(make_vec_env("CartPole-v1", n_envs=2, seed=0), learning_starts=300, seed=0)
+    calls, random_action = [], model.policy.random_action
+    model.policy.random_action = lambda n: calls.append(model.num_timesteps) or random_action(n)
+    model.learn(320)
+    assert calls == list(range(0, 300, 2))  # one call per step of the 2 envs, until 300 env steps
+    actions = model.replay_buffer.actions[:150].reshape(-1, 2)  # one-hot rows, final-observation rows all zeros
+    taken = actions[actions.sum(-1) == 1].argmax(-1)
+    assert 0.4 < taken.mean() < 0.6  # both actions, about equally often
 
 
 def test_multi_env_dummy_vec_env():
@@ -133,9 +147,11 @@ def test_multi_env_dummy_vec_env():
 def test_multi_env_subproc_vec_env():
     env = make_vec_env("Pendulum-v1", n_envs=2, vec_env_cls=SubprocVecEnv)
     try:
-        make_model(env, learning_starts=20).learn(60)
+        model = make_model(env, learning_starts=20).learn(60)
     finally:
         env.close()
+    assert model.num_timesteps == 60 and model._n_updates > 0
+    assert model.replay_buffer.count.tolist() == [30, 30]  # 30 steps per env, no episode ended (200-step limit)
 
 
 @pytest.mark.parametrize("stats_window_size", [1, 42])
