@@ -174,8 +174,8 @@ def test_to_env_action_discrete_is_argmax():
 
 
 def test_set_training_mode_reaches_every_submodule(model):
-    """predict switches to eval mode and train() back, all submodules included (the switch is
-    skipped only when the policy is already in that mode)."""
+    """predict switches every submodule to eval mode, and set_training_mode(True) (which train()
+    calls) switches them all back (the switch is skipped only when the policy is already in that mode)."""
     policy = model.policy
     obs = model.get_env().reset()
     policy.set_training_mode(True)
