@@ -282,7 +282,10 @@ class DreamerPolicy(CompiledMethods, BasePolicy):
         assert isinstance(self.action_space, spaces.Box)
         low, high = self.action_space.low, self.action_space.high
         action = np.clip(action, -1.0, 1.0).reshape((-1, *self.action_space.shape))
-        return (low + 0.5 * (action + 1.0) * (high - low)).astype(self.action_space.dtype)
+        value = low + 0.5 * (action + 1.0) * (high - low)
+        if np.issubdtype(self.action_space.dtype, np.integer):
+            value = np.rint(value)  # the nearest integer: a cast would truncate, so `high` would almost never be taken
+        return value.astype(self.action_space.dtype)
 
     def _check_state(self, state: tuple[np.ndarray, ...], n: int) -> LatentState:
         expected = ((n, self.world_model.rssm.deter_dim), (n, self.world_model.rssm.stoch_dim), (n, self.action_dim))

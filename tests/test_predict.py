@@ -168,6 +168,16 @@ def test_to_env_action_maps_the_normalised_range_onto_the_bounds():
     np.testing.assert_allclose(model.policy.to_env_action(normalised), expected)
 
 
+def test_to_env_action_rounds_onto_an_integer_box():
+    """An integer Box takes the nearest integer of the scaled action (a cast would truncate)."""
+    action_space = spaces.Box(0, 3, shape=(1,), dtype=np.int64)
+    model = make_model(SpaceEnv(spaces.Box(-1.0, 1.0, shape=(3,)), action_space))
+    normalised = np.array([[-1.0], [-0.4], [0.3], [0.9], [1.0]], np.float32)  # scaled: 0, 0.9, 1.95, 2.85, 3
+    got = model.policy.to_env_action(normalised)
+    np.testing.assert_array_equal(got, [[0], [1], [2], [3], [3]])
+    assert got.dtype == np.int64
+
+
 def test_to_env_action_discrete_is_argmax():
     model = make_model("CartPole-v1")
     np.testing.assert_array_equal(model.policy.to_env_action(np.array([[1.0, 0.0], [0.0, 1.0]])), [0, 1])
