@@ -10,7 +10,6 @@ trajectories and a replay value step on the real ones. The math lives in the mod
 from __future__ import annotations
 
 import io
-import os
 import pathlib
 import sys
 import time
@@ -32,6 +31,7 @@ from stable_baselines3.common.vec_env import VecEnv, VecNormalize
 from sb3_dreamer.allocator import glibc_available, retain_freed_memory, user_tuned_malloc
 from sb3_dreamer.buffers import SequenceReplayBuffer
 from sb3_dreamer.cuda_graph import CapturedUpdate
+from sb3_dreamer.launcher import usable_cores
 from sb3_dreamer.networks.world_model import WorldModelOutput
 from sb3_dreamer.optimizers import LaProp
 from sb3_dreamer.policies import (
@@ -55,10 +55,8 @@ SPEED_OPTIONS = frozenset({"cuda_graph", "precision", "compile_steps", "compile_
 
 
 def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask where the OS has one, e.g. under ``taskset``)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    """How many CPU cores this process may run on (its affinity mask where the OS has one, e.g. under ``taskset``)."""
+    return len(usable_cores())
 
 
 def check_spaces(

@@ -165,10 +165,7 @@ def dream_figure(
     :param observations: [T, *shape] (or [B, T, *shape]: the first sequence's), or a dict of them per key
     :param rewards: [T] (or [B, T]: the first sequence's) or None
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: the user's backend and figures stay as they were
 
     dreamed = {key: x[0] for key, x in per_key(predicted.observations).items()}
     real = _first_sequence(observations, dreamed)
@@ -185,14 +182,15 @@ def dream_figure(
     rows = -(-len(series) // cols)
     title = f"open-loop predictions after {context} observed steps"
     if not images:
-        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+        fig = Figure(figsize=(3.2 * cols, 2.4 * rows))
+        axes = fig.subplots(rows, cols, squeeze=False)
         _plot_series(axes, series, context, steps)
         fig.suptitle(title, fontsize=10)
         fig.tight_layout()
         return fig
     shown = np.unique(np.linspace(context, steps - 1, min(frames, steps - context)).round().astype(int))
     heights = [2.6] * len(images) + ([2.4 * rows] if series else [])
-    fig = plt.figure(figsize=(max(1.3 * len(shown), 3.2 * cols), sum(heights) + 0.4), layout="constrained")
+    fig = Figure(figsize=(max(1.3 * len(shown), 3.2 * cols), sum(heights) + 0.4), layout="constrained")
     subfigs = np.atleast_1d(fig.subfigures(len(heights), 1, height_ratios=heights))
     for subfig, key in zip(subfigs, images):
         axes = subfig.subplots(2, len(shown), squeeze=False)
@@ -213,11 +211,7 @@ def plot_dream(
     path: str | Path, observations: np.ndarray, predicted: Dream, context: int, rewards: np.ndarray | None = None
 ) -> Path:
     """Draw :func:`dream_figure` to a PNG at ``path``; returns the path."""
-    import matplotlib.pyplot as plt
-
-    fig = dream_figure(observations, rewards, predicted, context)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    dream_figure(observations, rewards, predicted, context).savefig(path, dpi=100)
     return Path(path)
 
 
@@ -253,7 +247,6 @@ class DreamCallback(BaseCallback):
         buffer = self.model.replay_buffer  # type: ignore[attr-defined]
         if not buffer.can_sample(self.sequence_length):
             return True
-        import matplotlib.pyplot as plt
         from stable_baselines3.common.logger import Figure
 
         data = buffer.sample(self.candidates, self.sequence_length, env=self.model._replay_normalizer)  # type: ignore[attr-defined]
@@ -270,5 +263,4 @@ class DreamCallback(BaseCallback):
         predicted = dream(self.model.policy, obs, one(data.actions), self.context)  # type: ignore[arg-type]
         fig = dream_figure(obs, one(data.rewards)[0], predicted, self.context)
         self.logger.record("dream/predictions", Figure(fig, close=True), exclude=("stdout", "log", "json", "csv"))
-        plt.close(fig)
         return True

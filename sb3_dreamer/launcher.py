@@ -49,7 +49,7 @@ def run_jobs(
     pending, running = list(jobs), []
     results: dict[str, tuple[int, float]] = {}
     last_status = time.perf_counter()
-    free_cores = list(range(os.cpu_count() or 1))
+    free_cores = usable_cores()
     pin = parallel > 1 and shutil.which("taskset") is not None
     with _terminated_with_us(running):
         while pending or running:
@@ -57,8 +57,9 @@ def run_jobs(
                 job = pending.pop(0)
                 env, cmd = dict(os.environ), job.cmd
                 core = free_cores.pop(0) if pin and free_cores else None
-                if core is not None:
+                if parallel > 1:  # jobs side by side: one torch thread each, pinned or not (threads thrash otherwise)
                     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+                if core is not None:
                     cmd = ["taskset", "-c", str(core), *cmd]
                 job.log.parent.mkdir(parents=True, exist_ok=True)
                 with open(job.log, "a") as log:  # a rerun's attempt follows the earlier ones
@@ -88,6 +89,13 @@ def run_jobs(
                 if on_done is not None:
                     on_done(job, *results[job.name])
     return results
+
+
+def usable_cores() -> list[int]:
+    """The CPU cores this process may run on (its affinity, e.g. a container's cpuset), in order."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
 
 
 @contextlib.contextmanager

@@ -76,6 +76,9 @@ def _warm_up(model: Dreamer, updates: int) -> None:
     _sync(model.device)
 
 
+ACTING_STEPS_DROPPED = 10  # the first predict() calls are not timed (first-call overheads)
+
+
 def measure(
     env_id: str = "CartPole-v1",
     size: str = "size400k",
@@ -95,8 +98,15 @@ def measure(
     learn_steps: int = 1000,
     seed: int = 0,
 ) -> dict:
-    """Run the three measurements; returns a record of the figures and the settings."""
+    """Run the three measurements; returns a record of the figures and the settings (``learn_steps=0``:
+    no ``learn()`` figure, None)."""
     from sb3_dreamer import Dreamer
+
+    if updates < 1 or warmup < 0 or acting_steps <= ACTING_STEPS_DROPPED or learn_steps < 0:
+        raise ValueError(
+            f"speed needs updates >= 1, warmup >= 0, acting_steps > {ACTING_STEPS_DROPPED} (the first "
+            f"{ACTING_STEPS_DROPPED} are not timed) and learn_steps >= 0, got {updates}, {warmup}, {acting_steps}, {learn_steps}"
+        )
 
     kwargs = dict(
         batch_size=batch_size, sequence_length=sequence_length, imagination_starts=imagination_starts,
@@ -129,15 +139,19 @@ def measure(
         action, state = model.predict(obs, state=state, episode_start=starts, deterministic=False)
         act_times.append(time.perf_counter() - start)
         obs, _, starts, _ = env.step(action)
-    act_ms = np.array(act_times[10:]) * 1000
+    act_ms = np.array(act_times[ACTING_STEPS_DROPPED:]) * 1000
 
-    learner = Dreamer("MlpLatentPolicy", env_id, **kwargs)
-    learner.learn(learner.learning_starts)  # collection only
-    _sync(dev)
-    start = time.perf_counter()
-    learner.learn(learn_steps, reset_num_timesteps=False)
-    _sync(dev)
-    learn_seconds = time.perf_counter() - start
+    learn_env_steps_per_s = None
+    if learn_steps:
+        learner = Dreamer("MlpLatentPolicy", env_id, **kwargs)
+        learner.learn(learner.learning_starts)  # collection only
+        # Its first update untimed: there the learner compiles (its own functions) and captures its CUDA graph.
+        learner.train(1)
+        _sync(dev)
+        start = time.perf_counter()
+        learner.learn(learn_steps, reset_num_timesteps=False)
+        _sync(dev)
+        learn_env_steps_per_s = learn_steps / (time.perf_counter() - start)
 
     return {
         "env": env_id,
@@ -153,7 +167,7 @@ def measure(
         "retain_cpu_memory": model.uses_retained_cpu_memory,
         "warmup_s": warmup_seconds,
         "batch": f"B{batch_size} x T{sequence_length}, H{model.imagination_horizon}, "
-        f"{imagination_starts or batch_size * sequence_length} imagination starts",
+        f"{min(imagination_starts or batch_size * sequence_length, batch_size * sequence_length)} imagination starts",
         "ms_per_update_median": float(np.median(timed)),
         "ms_per_update_p10": float(np.percentile(timed, 10)),
         "ms_per_update_p90": float(np.percentile(timed, 90)),
@@ -161,8 +175,8 @@ def measure(
         "capture_s": capture,
         "acting_steps_per_s": float(1000 / np.mean(act_ms)),
         "acting_ms_median": float(np.median(act_ms)),
-        "learn_env_steps_per_s": learn_steps / learn_seconds,
-        "train_ratio": learner.train_ratio,
+        "learn_env_steps_per_s": learn_env_steps_per_s,
+        "train_ratio": model.train_ratio,
     }
 
 
@@ -343,6 +357,19 @@ def main(argv: list[str] | None = None) -> None:
         "--compile-losses as given)",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    for problem, refused in (
+        ("--trace needs --profile (it writes the profiled updates' trace)", args.trace and not args.profile),
+        ("--profile and --compare are two different runs: give one", args.profile and args.compare),
+        ("--json prints the timing record or --compare's results, not --profile's table", args.json and args.profile),
+        (f"--profile N needs N >= 1, got {args.profile}", args.profile < 0),
+        (f"--updates needs at least 1, got {args.updates}", args.updates < 1),
+        (f"--warmup needs at least 0, got {args.warmup}", args.warmup < 0),
+        (f"--acting-steps needs more than {ACTING_STEPS_DROPPED} (the first {ACTING_STEPS_DROPPED} are not timed), got {args.acting_steps}",
+         args.acting_steps <= ACTING_STEPS_DROPPED),
+        (f"--learn-steps needs at least 0 (0: no learn() figure), got {args.learn_steps}", args.learn_steps < 0),
+    ):  # fmt: skip
+        if refused:
+            parser.error(problem)
     on_off = {"auto": None, "on": True, "off": False}
     if args.threads:
         th.set_num_threads(args.threads)
@@ -368,8 +395,9 @@ def main(argv: list[str] | None = None) -> None:
             paths, options = None, dict(shape, parallel_backward=on_off[args.parallel_backward])  # COMPARED_PATHS
         options["retain_cpu_memory"] = on_off[args.retain_cpu_memory]
         results = compare(
-            env_id=args.env, device=args.device, updates=args.updates, imagination_starts=args.imagination_starts or None,
-            precision=args.precision, paths=paths, **options,
+            env_id=args.env, device=args.device, updates=args.updates, warmup=args.warmup,
+            imagination_starts=args.imagination_starts or None, precision=args.precision,
+            cuda_graph=on_off[args.cuda_graph], paths=paths, **options,
         )  # fmt: skip
         if args.json:
             print(json.dumps(results))
@@ -418,7 +446,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(f"warm-up: {record['warmup_s']:.1f} s (replay filling, the untimed updates and any compilation)")
     print(f"acting: {record['acting_steps_per_s']:.0f} steps/s ({record['acting_ms_median']:.2f} ms median per predict)")
-    print(f"learn(): {record['learn_env_steps_per_s']:.1f} env steps/s at train_ratio {record['train_ratio']:g}")
+    if record["learn_env_steps_per_s"] is None:
+        print("learn(): not measured (--learn-steps 0)")
+    else:
+        print(f"learn(): {record['learn_env_steps_per_s']:.1f} env steps/s at train_ratio {record['train_ratio']:g}")
 
 
 if __name__ == "__main__":

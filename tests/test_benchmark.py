@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 import warnings
 
 import pytest
+import torch as th
 
 from sb3_dreamer.benchmark import main
 
@@ -57,6 +62,35 @@ def test_benchmark_evaluates_images_as_the_policy_was_trained(tmp_path):
         main([*args, "--out", str(tmp_path), "--kwargs", json.dumps(kwargs)])
     assert not [w for w in caught if "not of the same type" in str(w.message)]
     assert json.loads((tmp_path / "CartPolePixels-v1_seed0.json").read_text())["eval_timesteps"] == [100]
+
+
+def test_speed_measures_updates_acting_and_learn(capsys):
+    """``python -m sb3_dreamer.speed`` on a small batch: the three figures and the settings beside them;
+    more imagination starts than states are all of them; --learn-steps 0 skips learn()."""
+    from sb3_dreamer.speed import main as speed_main
+
+    small = ["--batch-size", "2", "--sequence-length", "8", "--updates", "2", "--warmup", "1", "--acting-steps", "20"]
+    speed_main([*small, "--learn-steps", "1"])  # 32 updates (train_ratio 512 over B x T = 16); 256 imagination starts asked
+    out = capsys.readouterr().out
+    assert "B2 x T8, H15, 16 imagination starts" in out and f"torch {th.__version__}, float32" in out
+    assert "update: " in out and "acting: " in out and "env steps/s at train_ratio 512" in out
+    speed_main([*small, "--learn-steps", "0", "--json"])
+    record = json.loads(capsys.readouterr().out)
+    assert record["learn_env_steps_per_s"] is None and record["ms_per_update_median"] > 0 and record["acting_steps_per_s"] > 0
+
+
+@pytest.mark.parametrize(
+    "args, problem",
+    [(["--trace", "t.json"], "--trace needs --profile"), (["--profile", "2", "--compare"], "two different runs"),
+     (["--profile", "2", "--json"], "not --profile's table"), (["--updates", "0"], "--updates needs at least 1"),
+     (["--acting-steps", "10"], "--acting-steps needs more than 10"), (["--learn-steps", "-1"], "--learn-steps needs")],
+)  # fmt: skip
+def test_speed_refuses_arguments_that_would_measure_nothing_or_be_ignored(args, problem, capsys):
+    from sb3_dreamer.speed import main as speed_main
+
+    with pytest.raises(SystemExit):
+        speed_main(args)
+    assert problem in capsys.readouterr().err
 
 
 def test_speed_compare_times_every_path_against_the_first():
@@ -112,3 +146,19 @@ def test_kernel_summary_of_known_intervals():
     with pytest.raises(ValueError, match="no kernels"):
         kernel_summary([], updates=1)
 
+
+
+@pytest.mark.skipif(shutil.which("taskset") is None or len(os.sched_getaffinity(0)) < 2, reason="needs taskset and 2 cores")
+def test_launcher_pins_jobs_within_its_own_cores_and_gives_each_one_thread(tmp_path):
+    """Held to its last core (as a container's cpuset would), the launcher pins a job there, not on a
+    core outside its set, and a job beyond the free cores still runs with one torch thread."""
+    core = max(os.sched_getaffinity(0))
+    child = "import os; print(sorted(os.sched_getaffinity(0)), os.environ.get('OMP_NUM_THREADS'))"
+    script = (
+        "import sys; from pathlib import Path; from sb3_dreamer.launcher import Job, run_jobs; "
+        f"run_jobs([Job(str(i), [sys.executable, '-c', {child!r}], Path({str(tmp_path)!r}) / f'{{i}}.log') for i in range(2)], 2)"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    subprocess.run(["taskset", "-c", str(core), sys.executable, "-c", script], check=True, timeout=120, env=env)
+    printed = [(tmp_path / f"{i}.log").read_text().splitlines()[-1] for i in range(2)]
+    assert sorted(printed) == sorted([f"[{core}] 1", f"[{core}] 1"]), printed

@@ -62,6 +62,22 @@ def test_plot_dream_writes_a_png_of_the_expected_size(tmp_path):
     assert (width, height) == (1280, 480)  # 4 observation panels + rewards: 4 x 2 panels of 3.2 x 2.4 in at 100 dpi
 
 
+def test_plot_dream_leaves_the_users_matplotlib_backend_and_figures_alone(tmp_path):
+    """A notebook's or GUI's backend stays (it used to be switched to Agg), and no pyplot figure is left open."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    model = make_model("CartPole-v1", seed=0)
+    obs, actions, rewards = _sequence(model)
+    before = matplotlib.get_backend()
+    matplotlib.use("pdf")  # a backend of the user's, other than Agg
+    try:
+        plot_dream(tmp_path / "dream.png", obs, model.policy.dream(obs, actions, 4), 4, rewards=rewards)
+        assert matplotlib.get_backend() == "pdf" and plt.get_fignums() == []
+    finally:
+        matplotlib.use(before)
+
+
 def test_dream_callback_logs_a_picture_to_tensorboard(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
