@@ -5,8 +5,8 @@ solve" is the first evaluation whose mean return reaches the env's threshold.
 
     python -m sb3_dreamer.benchmark --envs CartPole-v1 Pendulum-v1 --seeds 0 1 2 --jobs 2
 
-Each (env, seed) runs in its own process (pinned to one core with one torch thread when
-``--jobs`` > 1) and writes ``<out>/<env>_seed<seed>.json``; finished runs are skipped, so an
+Each (env, seed) runs in its own process (with one torch thread, and pinned to a core of its own
+where ``taskset`` is installed, when ``--jobs`` > 1) and writes ``<out>/<env>_seed<seed>.json``; finished runs are skipped, so an
 interrupted benchmark resumes. Each evaluation is printed as it appears in its run's log
 (``<out>/<env>_seed<seed>.log``), and at the end the table (Markdown), also written to ``<out>/results.md``.
 

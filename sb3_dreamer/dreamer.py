@@ -69,7 +69,8 @@ def check_spaces(
 
     Observations: Box vectors (MlpLatentPolicy), Box images (CnnLatentPolicy; uint8 in [0, 255],
     channel-last or channel-first; or, with ``normalize_images=False``, any 3-D Box, channel-first
-    unless uint8, since SB3 transposes only those), Dict of those (MultiInputLatentPolicy). Actions: Discrete, MultiDiscrete, MultiBinary, bounded Box.
+    unless uint8, since SB3 transposes only those), Dict of those (MultiInputLatentPolicy).
+    Actions: Discrete, MultiDiscrete, MultiBinary, bounded Box.
     """
     if not isinstance(action_space, (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)):
         raise ValueError(

@@ -285,7 +285,7 @@ def best_model_path(eval_callback: EvalCallback) -> Path | None:
 def restore_best_model(eval_callback: EvalCallback, checkpoint: Path) -> None:
     """Give a resumed run the best model of the evaluations it keeps (those up to ``checkpoint``): a
     ``best_model.zip`` the stopped attempt saved after the checkpoint came from an evaluation the
-    resumed run discards, so it moves to ``best_model.after_<steps>.discarded.zip`` and the
+    resumed run discards, so it moves to ``best_model.after_<steps>.discarded[.<n>].zip`` and the
     checkpoint's copy comes back. A checkpoint written before checkpoints kept a copy has none to give
     back: then ``best_model.zip`` returns at the next evaluation that beats the kept ones (a warning
     says so)."""
@@ -296,7 +296,10 @@ def restore_best_model(eval_callback: EvalCallback, checkpoint: Path) -> None:
     progress = checkpoint / PROGRESS
     saved_after = best.is_file() and best.stat().st_mtime > progress.stat().st_mtime
     if saved_after or (best.is_file() and copy.is_file() and best.read_bytes() != copy.read_bytes()):
-        aside = best.with_name(f"best_model.after_{checkpoint.name.removeprefix('checkpoint_')}.discarded.zip")
+        steps = checkpoint.name.removeprefix("checkpoint_")
+        aside, n = best.with_name(f"best_model.after_{steps}.discarded.zip"), 2
+        while aside.exists():  # resumed from this checkpoint before: keep that attempt's too
+            aside, n = best.with_name(f"best_model.after_{steps}.discarded.{n}.zip"), n + 1
         os.replace(best, aside)
         if not copy.is_file():
             warnings.warn(

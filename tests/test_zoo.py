@@ -429,7 +429,8 @@ def test_resume_gives_back_the_best_model_of_the_kept_evaluations(tmp_path):
     (tmp_path / "best_model.zip").write_bytes(b"at 400")
     restore_best_model(callback, checkpoint)
     assert (tmp_path / "best_model.zip").read_bytes() == b"at 100"
-    assert (tmp_path / "best_model.after_200.discarded.zip").read_bytes() == b"at 400"  # the latest discarded one
+    assert (tmp_path / "best_model.after_200.discarded.zip").read_bytes() == b"at 300"  # the first discarded one kept
+    assert (tmp_path / "best_model.after_200.discarded.2.zip").read_bytes() == b"at 400"
     restore_best_model(EvalCallback(gym.make("CartPole-v1")), checkpoint)  # no best_model_save_path: nothing to do
 
 
