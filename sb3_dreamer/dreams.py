@@ -25,7 +25,7 @@ import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.callbacks import BaseCallback
 
-from sb3_dreamer.buffers import OBS_KEY, observation_subspaces
+from sb3_dreamer.buffers import OBS_KEY, SequenceReplayBuffer, observation_subspaces
 from sb3_dreamer.functional import symexp
 from sb3_dreamer.networks.encoders import resize_images
 
@@ -46,6 +46,7 @@ class Dream(NamedTuple):
     continues: np.ndarray  # [B, T - context], probability of continuing (discount included)
 
 
+@th.no_grad()
 @th.no_grad()
 def dream(
     policy: DreamerPolicy, observations: np.ndarray | dict[str, np.ndarray], actions: np.ndarray, context: int = 5
@@ -247,6 +248,18 @@ class DreamCallback(BaseCallback):
         buffer = self.model.replay_buffer  # type: ignore[attr-defined]
         if not buffer.can_sample(self.sequence_length):
             return True
+        # Its random numbers (the replayed windows, the dream's latent samples) come from generators
+        # restored afterwards, so training goes on exactly as without the callback.
+        device = self.model.device
+        numpy_state = np.random.get_state()
+        try:
+            with th.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+                self._log_dream(buffer)
+        finally:
+            np.random.set_state(numpy_state)
+        return True
+
+    def _log_dream(self, buffer: SequenceReplayBuffer) -> None:
         from stable_baselines3.common.logger import Figure
 
         data = buffer.sample(self.candidates, self.sequence_length, env=self.model._replay_normalizer)  # type: ignore[attr-defined]
@@ -255,12 +268,11 @@ class DreamCallback(BaseCallback):
             warnings.warn(
                 f"DreamCallback: none of {self.candidates} replayed windows of {self.sequence_length} steps stays inside "
                 "one episode; lower sequence_length to see dreams of these short episodes",
-                stacklevel=2,
+                stacklevel=3,
             )
-            return True
+            return
         one = lambda x: x[i : i + 1].cpu().numpy()  # noqa: E731
         obs = {key: one(x) for key, x in data.observations.items()} if isinstance(data.observations, dict) else one(data.observations)
         predicted = dream(self.model.policy, obs, one(data.actions), self.context)  # type: ignore[arg-type]
         fig = dream_figure(obs, one(data.rewards)[0], predicted, self.context)
         self.logger.record("dream/predictions", Figure(fig, close=True), exclude=("stdout", "log", "json", "csv"))
-        return True

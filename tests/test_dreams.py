@@ -11,7 +11,7 @@ from sb3_dreamer.dreams import DreamCallback, plot_dream, to_observation_units, 
 from sb3_dreamer.functional import symlog
 from sb3_dreamer.networks.encoders import vector_values
 
-from .helpers import counting_env, make_model
+from .helpers import assert_state_dicts_equal, counting_env, make_model
 
 
 def _sequence(model, steps=12):
@@ -115,3 +115,22 @@ def test_predictions_in_model_units_map_back_to_observations(space):
     back = to_observation_units(pred, space, image=False, normalize_images=True)
     assert back.shape == obs.shape
     np.testing.assert_allclose(back, obs, rtol=1e-5, atol=1e-5)
+
+
+def test_dream_callback_does_not_disturb_training(monkeypatch):
+    """Its replayed windows and the dream's samples draw from generators restored afterwards: the
+    same seed trains the same model with or without it (as EvalCallback's test checks)."""
+    import sb3_dreamer.dreams as dreams
+
+    pictures = []
+    figure = dreams.dream_figure
+    monkeypatch.setattr(dreams, "dream_figure", lambda *args: pictures.append(1) or figure(*args))
+
+    def train(callback=None):
+        model = make_model("CartPole-v1", learning_starts=30, seed=0)
+        return model.learn(80, callback=callback)
+
+    with_dreams, without = train(DreamCallback(log_freq=20, sequence_length=10, context=4)), train()
+    assert len(pictures) >= 2 and with_dreams._n_updates == without._n_updates > 0
+    np.testing.assert_array_equal(with_dreams.replay_buffer.actions, without.replay_buffer.actions)
+    assert_state_dicts_equal(with_dreams.policy.state_dict(), without.policy.state_dict())
