@@ -144,8 +144,9 @@ def measure(
     learn_env_steps_per_s = None
     if learn_steps:
         learner = Dreamer("MlpLatentPolicy", env_id, **kwargs)
-        learner.learn(learner.learning_starts)  # collection only
-        # Its first update untimed: there the learner compiles (its own functions) and captures its CUDA graph.
+        _fill_replay(learner)  # a replay that holds a batch, whatever the sequence length
+        # Its first update untimed: there the learner compiles (its own functions) and captures its CUDA graph
+        # (the fill's learn() ends with no update where an update falls less than once per env step).
         learner.train(1)
         _sync(dev)
         start = time.perf_counter()
