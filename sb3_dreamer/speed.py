@@ -79,6 +79,19 @@ def _warm_up(model: Dreamer, updates: int) -> None:
 ACTING_STEPS_DROPPED = 10  # the first predict() calls are not timed (first-call overheads)
 
 
+def count_problems(updates: int, warmup: int, acting_steps: int, learn_steps: int) -> list[str]:
+    """What is wrong with the counts of a speed run (named as the command's options), for
+    :func:`measure` and ``main``; empty when they measure something."""
+    checks = (
+        (f"--updates needs at least 1, got {updates}", updates < 1),
+        (f"--warmup needs at least 0, got {warmup}", warmup < 0),
+        (f"--acting-steps needs more than {ACTING_STEPS_DROPPED} (the first {ACTING_STEPS_DROPPED} are not timed), "
+         f"got {acting_steps}", acting_steps <= ACTING_STEPS_DROPPED),
+        (f"--learn-steps needs at least 0 (0: no learn() figure), got {learn_steps}", learn_steps < 0),
+    )  # fmt: skip
+    return [problem for problem, wrong in checks if wrong]
+
+
 def measure(
     env_id: str = "CartPole-v1",
     size: str = "size400k",
@@ -102,11 +115,9 @@ def measure(
     no ``learn()`` figure, None)."""
     from sb3_dreamer import Dreamer
 
-    if updates < 1 or warmup < 0 or acting_steps <= ACTING_STEPS_DROPPED or learn_steps < 0:
-        raise ValueError(
-            f"speed needs updates >= 1, warmup >= 0, acting_steps > {ACTING_STEPS_DROPPED} (the first "
-            f"{ACTING_STEPS_DROPPED} are not timed) and learn_steps >= 0, got {updates}, {warmup}, {acting_steps}, {learn_steps}"
-        )
+    problems = count_problems(updates, warmup, acting_steps, learn_steps)
+    if problems:
+        raise ValueError("; ".join(problems))
 
     kwargs = dict(
         batch_size=batch_size, sequence_length=sequence_length, imagination_starts=imagination_starts,
@@ -358,19 +369,16 @@ def main(argv: list[str] | None = None) -> None:
         "--compile-losses as given)",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    for problem, refused in (
+    combinations = (
         ("--trace needs --profile (it writes the profiled updates' trace)", args.trace and not args.profile),
         ("--profile and --compare are two different runs: give one", args.profile and args.compare),
         ("--json prints the timing record or --compare's results, not --profile's table", args.json and args.profile),
         (f"--profile N needs N >= 1, got {args.profile}", args.profile < 0),
-        (f"--updates needs at least 1, got {args.updates}", args.updates < 1),
-        (f"--warmup needs at least 0, got {args.warmup}", args.warmup < 0),
-        (f"--acting-steps needs more than {ACTING_STEPS_DROPPED} (the first {ACTING_STEPS_DROPPED} are not timed), got {args.acting_steps}",
-         args.acting_steps <= ACTING_STEPS_DROPPED),
-        (f"--learn-steps needs at least 0 (0: no learn() figure), got {args.learn_steps}", args.learn_steps < 0),
-    ):  # fmt: skip
-        if refused:
-            parser.error(problem)
+    )
+    problems = [problem for problem, refused in combinations if refused]
+    problems += count_problems(args.updates, args.warmup, args.acting_steps, args.learn_steps)
+    if problems:
+        parser.error("; ".join(problems))
     on_off = {"auto": None, "on": True, "off": False}
     if args.threads:
         th.set_num_threads(args.threads)
