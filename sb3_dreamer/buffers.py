@@ -290,11 +290,10 @@ class SequenceReplayBuffer:
         cols = np.arange(self.n_envs) if env_indices is None else np.asarray(env_indices)
         rows = self.pos[cols]
         write = self._write
-        if isinstance(self.observations, dict):
-            for key, stored in self.observations.items():
-                write(stored, rows, cols, np.asarray(obs[key]).reshape(len(cols), *stored.shape[2:]))  # type: ignore[index]
-        else:
-            write(self.observations, rows, cols, np.asarray(obs).reshape(len(cols), *self.observations.shape[2:]))
+        stored_obs = self.observations if isinstance(self.observations, dict) else {OBS_KEY: self.observations}
+        values = obs if isinstance(obs, dict) else {OBS_KEY: obs}
+        for key, stored in stored_obs.items():
+            write(stored, rows, cols, self._observation_rows(key, values[key], len(cols)))
         write(self.actions, rows, cols, action)
         write(self.rewards, rows, cols, reward)
         write(self.is_first, rows, cols, is_first)
@@ -305,6 +304,25 @@ class SequenceReplayBuffer:
             write(self.stoch, rows, cols, 0.0 if stoch is None else stoch)
         self.pos[cols] = (rows + 1) % self.capacity
         self.count[cols] = np.minimum(self.count[cols] + 1, self.capacity)
+
+    def _observation_rows(self, key: str, obs: Any, n: int) -> np.ndarray:
+        """``obs`` as ``n`` rows of the space's shape, rounded to the nearest integer for uint8 storage (a
+        ``VecNormalize``'s unnormalised final observation is 3.9999998 where the env gave 4); ValueError
+        for another shape (a reshape would scramble, e.g., a channel-last image into channel-first rows)."""
+        value = np.asarray(obs)
+        shape = self.obs_spaces[key].shape
+        if value.shape != (n, *shape):
+            name = "observations" if key == OBS_KEY else f"observations[{key!r}]"
+            raise ValueError(
+                f"The replay buffer takes {name} of shape {(n, *shape)} ({n} row(s) of the space's {shape}), got "
+                f"{value.shape}. Where the final observation of an episode (infos[i]['terminal_observation']) has "
+                "that shape, a VecEnvWrapper changed the observations without changing it: it must transform both"
+            )
+        dtype = storage_dtype(self.obs_spaces[key])
+        if np.issubdtype(dtype, np.integer) and not np.issubdtype(value.dtype, np.integer):
+            info = np.iinfo(dtype)
+            value = np.clip(np.rint(value), info.min, info.max)
+        return value
 
     def num_windows(self, sequence_length: int) -> np.ndarray:
         """Valid window starts per column for windows of ``sequence_length`` rows: [n_envs]."""
@@ -378,13 +396,23 @@ class SequenceReplayBuffer:
             return {key: self._gather(stored, rows, cols) for key, stored in self.observations.items()}
         return self._gather(self.observations, rows, cols)
 
-    def to(self, device: th.device | str) -> None:
+    def to(self, device: th.device | str, storage: str | None = None) -> None:
         """Use ``device`` from now on: sampled batches land there, and with ``storage="device"`` the
-        stored rows move there (a buffer loaded into a model on another device)."""
+        stored rows move there (a buffer loaded into a model on another device).
+
+        :param storage: "host" or "device" to move the rows between RAM and the device's memory (a
+            buffer loaded into a model whose ``replay_buffer_kwargs`` ask for the other); None keeps
+            the buffer's own
+        """
         device = get_device(device)
-        if self.on_device and self._allocated:
-            map_arrays(self.__dict__, lambda x: x.to(device))
-        self.device = device
+        storage = self.storage if storage is None else storage
+        if storage not in self.STORAGES:
+            raise ValueError(f"storage must be one of {self.STORAGES}, got {storage!r}")
+        if self._allocated and storage == "device":
+            map_arrays(self.__dict__, lambda x: th.as_tensor(x, device=device))  # numpy rows, or tensors elsewhere
+        elif self._allocated and self.on_device:
+            map_arrays(self.__dict__, lambda x: x.cpu().numpy())
+        self.storage, self.device = storage, device
 
     def set_latent_dims(self, latent_dims: tuple[int, int] | None) -> bool:
         """Store latents of sizes (D, S*K) for replay context from now on (None: none). Latents of

@@ -39,6 +39,7 @@ from sb3_dreamer.policies import (
     DreamerPolicy,
     MlpLatentPolicy,
     MultiInputLatentPolicy,
+    check_action_space,
     check_observation_space,
 )
 from sb3_dreamer.save_util import replaced_when_complete
@@ -72,12 +73,7 @@ def check_spaces(
     unless uint8, since SB3 transposes only those), Dict of those (MultiInputLatentPolicy).
     Actions: Discrete, MultiDiscrete, MultiBinary, bounded Box.
     """
-    if not isinstance(action_space, (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)):
-        raise ValueError(
-            f"Dreamer supports Box (bounded), Discrete, MultiDiscrete and MultiBinary action spaces, got {action_space}"
-        )
-    if isinstance(action_space, spaces.Box) and not np.all(np.isfinite([action_space.low, action_space.high])):
-        raise ValueError(f"Dreamer needs finite bounds on Box action spaces, got {action_space}; wrap the env to bound them")
+    check_action_space(action_space)
     check_observation_space(policy_class, observation_space, normalize_images)
 
 
@@ -480,8 +476,9 @@ class Dreamer(BaseAlgorithm):
             save_to_pkl(target, self.replay_buffer, self.verbose)
 
     def load_replay_buffer(self, path: str | pathlib.Path | io.BufferedIOBase, truncate_last_traj: bool = True) -> None:
-        """Load a pickled replay buffer (onto this model's device; its replay-context latents
-        adapted to this model, see :meth:`SequenceReplayBuffer.set_latent_dims`).
+        """Load a pickled replay buffer (onto this model's device, its rows kept in RAM or on the
+        device as this model's ``storage`` says; its replay-context latents adapted to this model,
+        see :meth:`SequenceReplayBuffer.set_latent_dims`).
 
         :param truncate_last_traj: mark each column's newest row as the end of its episode and start
             the next row collected as a new sequence (the episodes in progress in the env, if any, do
@@ -516,7 +513,7 @@ class Dreamer(BaseAlgorithm):
                 UserWarning,
                 stacklevel=2,
             )
-        buffer.to(self.device)
+        buffer.to(self.device, storage=self.replay_buffer.storage)  # as this model keeps its replay (replay_buffer_kwargs)
         if truncate_last_traj:
             buffer.truncate_last_trajectories()
             if self._last_episode_starts is not None:

@@ -19,6 +19,7 @@ import numpy as np
 import torch as th
 import torch.nn.functional as F
 from gymnasium import spaces
+from gymnasium.wrappers import HumanRendering
 
 
 def resize_frame(frame: np.ndarray, size: int) -> np.ndarray:
@@ -57,12 +58,24 @@ class PixelObservation(gym.ObservationWrapper):
         return {"image": frame, "position": np.asarray(observation, dtype=np.float32)[self.state_keys]}
 
 
-def make_cartpole_pixels(size: int = 64, **kwargs: Any) -> gym.Env:
-    return PixelObservation(gym.make("CartPole-v1", render_mode="rgb_array", **kwargs), size=size)
+def make_pixel_env(
+    env_id: str, size: int = 64, state_keys: list[int] | None = None, render_mode: str | None = None, **kwargs: Any
+) -> gym.Env:
+    """``env_id`` with :class:`PixelObservation`. The inner env always renders ``rgb_array`` frames (they are
+    the observations); ``render_mode="human"`` (as the zoo's ``enjoy`` passes) shows them in a window
+    (gymnasium's ``HumanRendering``), ``"rgb_array"`` or None returns them from ``render()``."""
+    if render_mode not in (None, "rgb_array", "human"):
+        raise ValueError(f"{env_id} pixel observations support render_mode None, 'rgb_array' or 'human', got {render_mode!r}")
+    env: gym.Env = PixelObservation(gym.make(env_id, render_mode="rgb_array", **kwargs), size=size, state_keys=state_keys)
+    return HumanRendering(env) if render_mode == "human" else env
 
 
-def make_cartpole_dict(size: int = 64, **kwargs: Any) -> gym.Env:
-    return PixelObservation(gym.make("CartPole-v1", render_mode="rgb_array", **kwargs), size=size, state_keys=[0, 2])
+def make_cartpole_pixels(size: int = 64, render_mode: str | None = None, **kwargs: Any) -> gym.Env:
+    return make_pixel_env("CartPole-v1", size=size, render_mode=render_mode, **kwargs)
+
+
+def make_cartpole_dict(size: int = 64, render_mode: str | None = None, **kwargs: Any) -> gym.Env:
+    return make_pixel_env("CartPole-v1", size=size, state_keys=[0, 2], render_mode=render_mode, **kwargs)
 
 
 def register_envs() -> None:

@@ -63,6 +63,16 @@ def observation_kind(observation_space: spaces.Space, normalize_images: bool = T
     return "image" if is_image(observation_space, normalize_images) else "vector"
 
 
+def check_action_space(action_space: spaces.Space) -> None:
+    """Raise ValueError, naming the space, unless it is Discrete, MultiDiscrete, MultiBinary or a Box with finite bounds."""
+    if not isinstance(action_space, (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)):
+        raise ValueError(
+            f"Dreamer supports Box (bounded), Discrete, MultiDiscrete and MultiBinary action spaces, got {action_space}"
+        )
+    if isinstance(action_space, spaces.Box) and not np.all(np.isfinite([action_space.low, action_space.high])):
+        raise ValueError(f"Dreamer needs finite bounds on Box action spaces, got {action_space}; wrap the env to bound them")
+
+
 def check_observation_space(
     policy_class: type[DreamerPolicy], observation_space: spaces.Space, normalize_images: bool = True
 ) -> None:
@@ -140,6 +150,7 @@ class DreamerPolicy(CompiledMethods, BasePolicy):
         normalize_images: bool = True,
     ) -> None:
         check_observation_space(type(self), observation_space, normalize_images)
+        check_action_space(action_space)
         super().__init__(
             observation_space,
             action_space,
@@ -285,7 +296,9 @@ class DreamerPolicy(CompiledMethods, BasePolicy):
         value = low + 0.5 * (action + 1.0) * (high - low)
         if np.issubdtype(self.action_space.dtype, np.integer):
             value = np.rint(value)  # the nearest integer: a cast would truncate, so `high` would almost never be taken
-        return value.astype(self.action_space.dtype)
+        # Clipped again: in float32 the affine map can round one step past a bound (e.g. high=2.3077023 gave 2.3077025),
+        # which the env's own action-space check refuses.
+        return np.clip(value, low, high).astype(self.action_space.dtype)
 
     def _check_state(self, state: tuple[np.ndarray, ...], n: int) -> LatentState:
         expected = ((n, self.world_model.rssm.deter_dim), (n, self.world_model.rssm.stoch_dim), (n, self.action_dim))

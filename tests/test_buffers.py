@@ -55,6 +55,26 @@ def test_rejects_fewer_rows_than_envs():
         make_buffer(buffer_size=1, n_envs=2)
 
 
+def test_add_refuses_observations_of_another_shape():
+    """A reshape would take a [n, 4, 6, 3] image into [n, 3, 4, 6] rows scrambled (a wrapper that transposes
+    observations but not infos' terminal_observation)."""
+    image = spaces.Box(0, 255, (3, 4, 6), np.uint8)
+    buffer = SequenceReplayBuffer(16, image, ACTION_SPACE, device="cpu")
+    false = np.zeros(1, dtype=bool)
+    with pytest.raises(ValueError, match=r"shape \(1, 3, 4, 6\).*got \(1, 4, 6, 3\).*terminal_observation"):
+        buffer.add(np.zeros((1, 4, 6, 3), np.uint8), np.array([[1.0, 0.0]]), np.zeros(1), false, false, false)
+    assert buffer.size() == 0
+
+
+def test_add_rounds_float_observations_into_uint8_storage():
+    """VecNormalize's unnormalised final observation is a float a hair below the integer the env gave."""
+    space = spaces.Box(0, 50, (3,), np.uint8)
+    buffer = SequenceReplayBuffer(16, space, ACTION_SPACE, device="cpu")
+    false = np.zeros(1, dtype=bool)
+    buffer.add(np.array([[3.9999998, 11.0000005, 20.6]], np.float32), np.array([[1.0, 0.0]]), np.zeros(1), false, false, false)
+    np.testing.assert_array_equal(buffer.observations[0, 0], [4, 11, 21])
+
+
 def test_ring_wrap_around():
     buffer = make_buffer(buffer_size=5)
     add_rows(buffer, range(8))
@@ -549,6 +569,26 @@ def test_dreamer_trains_with_replay_on_the_device():
     model = make_model("CartPole-v1", replay_buffer_kwargs=dict(storage="device"))
     model.learn(100)
     assert isinstance(model.replay_buffer.observations, th.Tensor) and model._n_updates > 0
+
+
+@pytest.mark.parametrize("saved, wanted", [("host", "device"), ("device", "host")])
+def test_load_replay_buffer_keeps_rows_where_the_model_asks(tmp_path, saved, wanted):
+    """The loading model's storage decides where the rows live, not the file's."""
+    model = make_model("CartPole-v1", learning_starts=10_000, replay_buffer_kwargs=dict(storage=saved))
+    model.learn(40)
+    model.save_replay_buffer(tmp_path / "replay.pkl")
+    other = make_model("CartPole-v1", replay_buffer_kwargs=dict(storage=wanted))
+    other.load_replay_buffer(tmp_path / "replay.pkl", truncate_last_traj=False)
+    loaded = other.replay_buffer
+    assert loaded.storage == wanted
+    assert isinstance(loaded.observations, th.Tensor if wanted == "device" else np.ndarray)
+    assert isinstance(loaded.is_last, th.Tensor if wanted == "device" else np.ndarray)
+    rows = model.replay_buffer.size()
+    saved_rows, loaded_rows = (b.observations[:rows] for b in (model.replay_buffer, loaded))
+    as_numpy = [x.cpu().numpy() if isinstance(x, th.Tensor) else x for x in (saved_rows, loaded_rows)]
+    np.testing.assert_array_equal(*as_numpy)
+    other.learn(60)  # and it trains from it
+    assert other._n_updates > 0
 
 
 def test_rejects_unknown_storage():

@@ -40,6 +40,22 @@ def test_cartpole_dict_has_the_frame_and_the_positions_only():
     assert env.observation_space.contains(obs)
 
 
+@pytest.mark.parametrize("env_id", ["CartPolePixels-v1", "CartPoleDict-v1"])
+def test_pixel_envs_take_the_render_modes_the_zoo_passes(env_id, monkeypatch):
+    """The zoo's enjoy makes envs with render_mode="human" and record_video with "rgb_array"."""
+    monkeypatch.setenv("SDL_VIDEODRIVER", "dummy")  # a window without a display
+    frame_env = gym.make(env_id, render_mode="rgb_array")
+    frame_env.reset(seed=0)
+    assert frame_env.render().shape == (400, 600, 3)
+    human = gym.make(env_id, render_mode="human")
+    obs, _ = human.reset(seed=0)
+    assert human.render_mode == "human" and human.observation_space.contains(obs)
+    human.step(0)
+    human.close()
+    with pytest.raises(ValueError, match="render_mode None, 'rgb_array' or 'human'"):
+        gym.make(env_id, render_mode="ansi")
+
+
 def test_pixel_observation_needs_rgb_array_rendering():
     with pytest.raises(ValueError, match="render_mode='rgb_array'"):
         PixelObservation(gym.make("CartPole-v1"))

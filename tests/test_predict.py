@@ -178,6 +178,25 @@ def test_to_env_action_rounds_onto_an_integer_box():
     assert got.dtype == np.int64
 
 
+def test_to_env_action_stays_inside_bounds_float32_rounds_past():
+    """low + (high - low) rounds one float32 step past high for some bounds (2.3077025 here): clipped back,
+    since the env refuses an action outside its space."""
+    action_space = spaces.Box(np.float32(-2.326449), np.float32(2.3077023), shape=(1,), dtype=np.float32)
+    model = make_model(SpaceEnv(spaces.Box(-1.0, 1.0, shape=(3,)), action_space))
+    got = model.policy.to_env_action(np.array([[-1.0], [1.0], [1.2009691]], np.float32))
+    assert all(action_space.contains(action) for action in got), got
+    np.testing.assert_array_equal(got[1:], [[np.float32(2.3077023)]] * 2)
+
+
+def test_policy_refuses_an_unbounded_box_action_space():
+    """Built without Dreamer (which checks the spaces first), the policy checks its action space itself."""
+    from sb3_dreamer.policies import MlpLatentPolicy
+
+    box = spaces.Box(-np.inf, np.inf, shape=(2,), dtype=np.float32)
+    with pytest.raises(ValueError, match="finite bounds"):
+        MlpLatentPolicy(spaces.Box(-1.0, 1.0, shape=(3,)), box, lambda _: 1e-4, **TINY_POLICY_KWARGS)
+
+
 def test_to_env_action_discrete_is_argmax():
     model = make_model("CartPole-v1")
     np.testing.assert_array_equal(model.policy.to_env_action(np.array([[1.0, 0.0], [0.0, 1.0]])), [0, 1])
