@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import inspect
 import os
 import sys
 from importlib import resources
@@ -117,6 +119,7 @@ def _experiment_manager(checkpoint_every: int | None = None, resume: str | None 
     :param resume: a run folder to continue, from its latest checkpoint, to the run's budget (``-n``)
     """
     from rl_zoo3.exp_manager import ExperimentManager
+    from rl_zoo3.utils import ALGOS
     from stable_baselines3.common.callbacks import CallbackList, EvalCallback
 
     from sb3_dreamer import zoo_resume
@@ -136,6 +139,10 @@ def _experiment_manager(checkpoint_every: int | None = None, resume: str | None 
                 if Path(resume).resolve().parent.name != self.algo:
                     raise ValueError(f"--resume {resume}: a run folder of {Path(resume).resolve().parent.name}, not of --algo {self.algo}")
                 started = zoo_resume.read_run_args(resume, self.env_name)
+                if self.n_timesteps <= 0:  # no -n: the run's own budget (the YAML's n_timesteps may have changed since)
+                    budget = zoo_resume.run_budget(resume, self.env_name, started)
+                    if budget is not None:
+                        self.n_timesteps = self.args.n_timesteps = budget  # args.yml keeps it for the next resume
                 mismatches = zoo_resume.resume_mismatches(started or {}, vars(self.args))
                 if mismatches:
                     raise ValueError(
@@ -156,7 +163,8 @@ def _experiment_manager(checkpoint_every: int | None = None, resume: str | None 
                 # Seeded anew, so the random streams (env resets, exploration, replay) do not replay the run's start.
                 steps = int(self.resumed_from["num_timesteps"])
                 seed = zoo_resume.resumed_seed(self.seed, steps)
-                print(f"Resuming {resume} from {checkpoint.name}, seeded with {self.seed} + {steps}")
+                budget_note = f" to {self.n_timesteps} env steps" if self.n_timesteps > 0 else ""
+                print(f"Resuming {resume} from {checkpoint.name}{budget_note}, seeded with {self.seed} + {steps}")
                 self.seed = seed
                 self.params_path = f"{self.save_path}/{self.env_name}"
 
@@ -164,6 +172,10 @@ def _experiment_manager(checkpoint_every: int | None = None, resume: str | None 
             """The zoo's, refused on a resume where they differ from those the run began with (which the
             zoo would otherwise apply to the loaded model, and write over the run's config.yml)."""
             hyperparams, saved = super().read_hyperparameters()
+            # A copy for the model: SB3 adds use_sde to a given policy_kwargs and the zoo gamma to a normalize
+            # dict in place, and those dicts are also -params' (args.yml) and config.yml's, which a resume compares.
+            hyperparams = copy.deepcopy(hyperparams)
+            self._rollout = (hyperparams.get("n_steps"), hyperparams.get("n_envs", 1))
             if self.resumed_from is not None:
                 started = zoo_resume.read_run_config(self.save_path, self.env_name)
                 mismatches = zoo_resume.config_mismatches(started, dict(saved)) if started is not None else []
@@ -180,11 +192,11 @@ def _experiment_manager(checkpoint_every: int | None = None, resume: str | None 
             # that fails before (no entry for the env, a wrong -conf path) leaves no empty folder behind.
             if (checkpoint_every is not None or self.resumed_from is not None) and self.eval_freq <= 0:
                 raise ValueError("--checkpoint-every and --resume need evaluations (--eval-freq > 0): checkpoints follow them")
-            if checkpoint_every is not None and 0 < self.eval_freq and self.n_timesteps < self.eval_freq:
+            if checkpoint_every is not None and 0 < self.eval_freq and self.steps_trained() < self.eval_freq:
                 raise ValueError(
                     f"--checkpoint-every: checkpoints follow evaluations, and --eval-freq {self.eval_freq} (the zoo's "
-                    f"default unless given) is past this run's budget of {self.n_timesteps} env steps, so none would be "
-                    "taken. Pass an --eval-freq within the budget (e.g. --eval-freq 5000)."
+                    f"default unless given) is past the {self.steps_trained()} env steps this run trains (budget "
+                    f"{self.n_timesteps}), so none would be taken. Pass an --eval-freq within the budget (e.g. --eval-freq 5000)."
                 )
             if self.resumed_from is not None:  # the checks passed (arguments, hyperparameters): the folder changes from here
                 zoo_resume.keep_earlier_monitor_logs(self.save_path, self.resumed_from["num_timesteps"])
@@ -194,6 +206,20 @@ def _experiment_manager(checkpoint_every: int | None = None, resume: str | None 
                 if checkpoint_every is not None:  # a resumable run: no second process may resume it while it trains
                     zoo_resume.hold_run_lock(self.save_path)
             super().create_log_folder()
+
+        def steps_trained(self) -> int:
+            """Env steps ``learn`` runs for the budget: an on-policy algorithm (the zoo's PPO, A2C, RecurrentPPO)
+            collects whole rollouts of ``n_steps`` x ``n_envs``, so it trains past a budget that is not a multiple."""
+            from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
+
+            algo_class = ALGOS[self.algo]
+            if not issubclass(algo_class, OnPolicyAlgorithm):
+                return self.n_timesteps
+            n_steps, n_envs = getattr(self, "_rollout", (None, 1))
+            if n_steps is None:  # the algorithm's own default
+                n_steps = inspect.signature(algo_class.__init__).parameters["n_steps"].default
+            rollout = int(n_steps) * int(n_envs)
+            return -(-self.n_timesteps // rollout) * rollout
 
         def create_callbacks(self) -> None:
             super().create_callbacks()
@@ -248,7 +274,8 @@ def split_resume_args(argv: list[str]) -> tuple[int | None, str | None, list[str
     parser.add_argument("--checkpoint-every", type=int, default=None, metavar="K",
                         help="save a resumable checkpoint (model, replay buffer, progress) after every K-th evaluation")  # fmt: skip
     parser.add_argument("--resume", default=None, metavar="RUN_FOLDER",
-                        help="continue a stopped run in its folder, from its latest checkpoint, to the same budget (-n)")  # fmt: skip
+                        help="continue a stopped run in its folder, from its latest checkpoint, to its budget (the -n it "
+                             "began with, or the n_timesteps of its config.yml; a -n given here replaces it)")  # fmt: skip
     ours, rest = parser.parse_known_args(argv)
     if "-h" in rest or "--help" in rest:
         print(parser.format_help())

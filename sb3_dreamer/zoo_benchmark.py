@@ -25,7 +25,8 @@ and so evaluates past ``-n``). Writes to ``<out>``:
 
 - ``evaluations.csv``: every evaluation point (algo, env, seed, timesteps, mean and std return,
   whether the run has finished);
-- ``results.md``: per (algo, env), env steps to the solved threshold per seed and median, final
+- ``results.md``: per (algo, env), env steps to the solved threshold per seed and median ("-" for an
+  env without a threshold in :data:`THRESHOLDS`), final
   return per seed, interquartile mean (IQM) of the final return with a 95% stratified bootstrap
   confidence interval (rliable), and wall-clock per run; then the IQM over envs of the
   random-to-threshold normalised final return, per algo;
@@ -168,16 +169,25 @@ def protocol(algo: str, args: argparse.Namespace) -> dict:
 
 def mixed_protocols(runs: list[dict]) -> str | None:
     """Where the finished runs of one report were recorded under different budgets or evaluation
-    protocols (a run command refuses that, ``--report-only`` reads whatever is there): a line per
-    protocol naming its runs; None when they agree."""
+    protocols, or (among the runs of one algo) different ``--params`` (a run command refuses that,
+    ``--report-only`` reads whatever is there): a line per protocol naming its runs; None when they agree."""
     keys = ("n_timesteps", "eval_freq", "eval_episodes")
+    finished = [run for run in runs if run["finished"]]
     groups: dict[tuple, list[str]] = {}
-    for run in runs:
-        if run["finished"] and all(run.get(key) is not None for key in keys):
+    for run in finished:
+        if all(run.get(key) is not None for key in keys):
             groups.setdefault(tuple(run[key] for key in keys), []).append(run_name(run["algo"], run["env"], run["seed"]))
-    if len(groups) < 2:
-        return None
-    return "\n".join(f"  n_timesteps {n}, eval_freq {f}, eval_episodes {e}: {', '.join(names)}" for (n, f, e), names in groups.items())
+    lines = []
+    if len(groups) > 1:
+        lines += [f"  n_timesteps {n}, eval_freq {f}, eval_episodes {e}: {', '.join(names)}" for (n, f, e), names in groups.items()]
+    by_params: dict[str, dict[tuple, list[str]]] = {}  # algo -> its runs by --params (the baselines have none)
+    for run in finished:
+        params = tuple(run.get("params") or ())
+        by_params.setdefault(run["algo"], {}).setdefault(params, []).append(run_name(run["algo"], run["env"], run["seed"]))
+    for algo, algo_groups in by_params.items():
+        if len(algo_groups) > 1:
+            lines += [f"  {algo} --params {' '.join(p) or '(none)'}: {', '.join(names)}" for p, names in algo_groups.items()]
+    return "\n".join(lines) or None
 
 
 def protocol_mismatches(record: dict, args: argparse.Namespace) -> list[str]:
@@ -413,20 +423,25 @@ def results_table(runs: list[dict]) -> str:
     algos = list(dict.fromkeys(r["algo"] for r in runs))
     envs = list(dict.fromkeys(r["env"] for r in runs))
     for env_id in envs:
-        threshold = THRESHOLDS.get(env_id, float("inf"))
+        threshold = THRESHOLDS.get(env_id)
         for algo in algos:
             group = sorted((r for r in runs if r["algo"] == algo and r["env"] == env_id), key=lambda r: r["seed"])
             if not group:
                 continue
-            steps = [steps_to_solve(r["timesteps"], r["mean"], threshold) for r in group]
-            median = float(np.median(steps))  # a run below the threshold counts as never reaching it
             unfinished = not all(r["finished"] for r in group)
+            if threshold is None:  # an env this module has no threshold for: no steps to read, rather than "unsolved"
+                steps_cells, median_cell = ", ".join("-" for _ in group), "-"
+            else:
+                steps = [steps_to_solve(r["timesteps"], r["mean"], threshold) for r in group]
+                median = float(np.median(steps))  # a run below the threshold counts as never reaching it
+                steps_cells = ", ".join(k(s, r) for s, r in zip(steps, group))
+                median_cell = ("not yet" if np.isinf(median) else k(median)) + "*" if unfinished else k(median)
             finals = np.array([[r["mean"][-1]] for r in group])
             iqm, low, high = iqm_interval(finals)
             clocks = [r["wall_clock_s"] for r in group if r["finished"]]
             lines.append(
-                f"| {algo} | {env_id} ({threshold:g}) | {', '.join(k(s, r) for s, r in zip(steps, group))} "
-                f"| {('not yet' if np.isinf(median) else k(median)) + '*' if unfinished else k(median)} "
+                f"| {algo} | {env_id} ({'no threshold' if threshold is None else f'{threshold:g}'}) | {steps_cells} "
+                f"| {median_cell} "
                 f"| {', '.join(f'{f:.0f}' + ('' if r['finished'] else '*') for f, r in zip(finals[:, 0], group))} "
                 f"| {iqm:.0f} [{low:.0f}, {high:.0f}] | {f'{np.median(clocks):.0f} s' if clocks else '-'} |"
             )

@@ -96,6 +96,16 @@ def read_run_args(run_folder: str | Path, env_name: str) -> dict[str, Any] | Non
         return dict(yaml.load(f, Loader=yaml.UnsafeLoader))
 
 
+def run_budget(run_folder: str | Path, env_name: str, started_args: dict[str, Any] | None) -> int | None:
+    """The budget a run began with: the ``-n`` of its ``started_args`` (its args.yml) when given, else
+    the ``n_timesteps`` of its hyperparameters (its config.yml); None when neither is recorded."""
+    n_timesteps = (started_args or {}).get("n_timesteps")
+    if n_timesteps is not None and int(n_timesteps) > 0:
+        return int(n_timesteps)
+    config = read_run_config(run_folder, env_name) or {}
+    return int(float(config["n_timesteps"])) if config.get("n_timesteps") is not None else None
+
+
 def differences(recorded: dict[str, Any], wanted: dict[str, Any], label: str, keys: Iterable[str] | None = None) -> list[str]:
     """``"<key> <recorded> (<label>: <wanted>)"`` for each of ``keys`` (default: those of ``wanted``)
     whose recorded value differs from the wanted one; a key missing from ``recorded`` (written before

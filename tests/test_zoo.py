@@ -277,7 +277,7 @@ def test_a_run_resumes_from_its_checkpoint_in_its_own_folder(tmp_path):
     assert sorted(p.name for p in run.glob("checkpoint_*")) == ["checkpoint_300"]  # untouched
 
     out = zoo("train", *common, "-n", "500", "--resume", str(run), *params, cwd=tmp_path)
-    assert f"Resuming {run} from checkpoint_300, seeded with 0 + 300" in out
+    assert f"Resuming {run} from checkpoint_300 to 500 env steps, seeded with 0 + 300" in out
     assert sorted(p.name for p in (tmp_path / "logs" / "dreamer").iterdir()) == ["CartPole-v1_1"]  # no new folder
     assert list(np.load(run / "evaluations.npz")["timesteps"]) == [100, 200, 300, 400, 500]
     assert Dreamer.load(run / "CartPole-v1.zip").num_timesteps == 500
@@ -290,6 +290,41 @@ def test_a_run_resumes_from_its_checkpoint_in_its_own_folder(tmp_path):
     assert resumed.count[0] >= rows + 200  # the first attempt's rows are kept, then the new ones
     np.testing.assert_array_equal(resumed.actions[:rows], first.actions[:rows])
     assert len(load_results(str(run))) > episodes  # both attempts' training episodes
+    # Without -n, a resume keeps the run's budget (the -n it was last given, recorded in its args.yml), not the YAML's 1e4.
+    out = zoo("train", *common, "--resume", str(run), *params, cwd=tmp_path)
+    assert f"Resuming {run} from checkpoint_500 to 500 env steps" in out
+    assert list(np.load(run / "evaluations.npz")["timesteps"]) == [100, 200, 300, 400, 500]
+    assert read_run_args(run, "CartPole-v1")["n_timesteps"] == 500
+
+
+def test_run_budget_reads_args_then_config(tmp_path):
+    from sb3_dreamer.zoo_resume import run_budget
+
+    (tmp_path / "CartPole-v1").mkdir()
+    assert run_budget(tmp_path, "CartPole-v1", None) is None
+    (tmp_path / "CartPole-v1" / "config.yml").write_text("!!python/object/apply:collections.OrderedDict\n- - - n_timesteps\n    - 20000.0\n")
+    assert run_budget(tmp_path, "CartPole-v1", {"n_timesteps": -1}) == 20000  # started without -n: its YAML's budget
+    assert run_budget(tmp_path, "CartPole-v1", {"n_timesteps": 700}) == 700
+
+
+def test_a_run_whose_params_dicts_sb3_fills_in_resumes(tmp_path):
+    """SB3 adds use_sde to a given policy_kwargs in place: the run's records keep -params as given, so the same
+    command resumes it (it was refused, the records differing from the command)."""
+    common = ["--algo", "sac", "--env", "Pendulum-v1", "--eval-freq", "100", "--eval-episodes", "1", "--n-eval-envs", "1",
+              "--seed", "0", "--device", "cpu", "-f", "logs", "--checkpoint-every", "1",
+              "-params", "policy_kwargs:dict(net_arch=[16])", "learning_starts:50"]  # fmt: skip
+    zoo("train", *common, "-n", "200", cwd=tmp_path)
+    run = tmp_path / "logs" / "sac" / "Pendulum-v1_1"
+    assert "use_sde" not in (run / "Pendulum-v1" / "args.yml").read_text()
+    zoo("train", *common, "-n", "300", "--resume", str(run), cwd=tmp_path)
+    assert list(np.load(run / "evaluations.npz")["timesteps"]) == [100, 200, 300]
+
+
+def test_checkpoint_every_counts_the_whole_rollouts_an_on_policy_algo_trains(tmp_path):
+    """The zoo's PPO on CartPole-v1 trains rollouts of 8 envs x 32 steps: -n 100 trains 256 steps and evaluates at 200."""
+    zoo("train", "--algo", "ppo", "--env", "CartPole-v1", "-n", "100", "--eval-freq", "200", "--eval-episodes", "1",
+        "--n-eval-envs", "1", "--device", "cpu", "-f", "logs", "--checkpoint-every", "1", cwd=tmp_path)  # fmt: skip
+    assert [p.name for p in (tmp_path / "logs" / "ppo" / "CartPole-v1_1").glob("checkpoint_*")] == ["checkpoint_200"]
 
 
 def test_train_fails_early_without_leaving_a_run_folder(tmp_path):
@@ -302,7 +337,7 @@ def test_train_fails_early_without_leaving_a_run_folder(tmp_path):
         )  # fmt: skip
 
     proc = train("--algo", "dreamer", "-n", "300", "--checkpoint-every", "1")  # the zoo's --eval-freq: 25000
-    assert proc.returncode != 0 and "--eval-freq 25000" in proc.stderr and "past this run's budget of 300" in proc.stderr
+    assert proc.returncode != 0 and "--eval-freq 25000" in proc.stderr and "past the 300 env steps this run trains" in proc.stderr
     proc = train("--algo", "dreamer", "-n", "300", "--checkpoint-every", "1", "--eval-freq", "0")
     assert proc.returncode != 0 and "need evaluations (--eval-freq > 0)" in proc.stderr
     (tmp_path / "pendulum_only.yml").write_text("Pendulum-v1:\n  n_timesteps: 100\n  policy: MlpPolicy\n")
@@ -552,6 +587,16 @@ def test_report_only_warns_when_runs_of_different_protocols_are_mixed(tmp_path, 
     assert "this report mixes runs of different protocols" in err
     assert "n_timesteps 1000, eval_freq 1000, eval_episodes 10: dreamer_CartPole-v1_seed0, dreamer_CartPole-v1_seed1" in err
     assert "n_timesteps 2000, eval_freq 1000, eval_episodes 10: dreamer_CartPole-v1_seed2" in err
+    # Dreamer's --params are part of its protocol; the baselines run without any.
+    for seed, params in enumerate([["train_ratio:512"], ["train_ratio:512"], ["train_ratio:32"]]):
+        path = bench / "runs" / f"dreamer_CartPole-v1_seed{seed}.json"
+        path.write_text(json.dumps(dict(json.loads(path.read_text()), n_timesteps=1000, params=params)))
+    main([*report, "--seeds", "0", "1"])
+    assert "mixes runs of different protocols" not in capsys.readouterr().err
+    main([*report, "--seeds", "0", "1", "2"])
+    err = capsys.readouterr().err
+    assert "dreamer --params train_ratio:512: dreamer_CartPole-v1_seed0, dreamer_CartPole-v1_seed1" in err
+    assert "dreamer --params train_ratio:32: dreamer_CartPole-v1_seed2" in err and "n_timesteps 2000" not in err
 
 
 def test_report_marks_runs_not_finished(tmp_path):
@@ -640,7 +685,17 @@ def test_results_table_names_the_algos_left_out_of_the_aggregate():
     runs += [run("dqn", "CartPole-v1", s, 200.0) for s in (0, 1)] + [run("sac", "Pendulum-v1", 0, -160.0)]
     table = results_table(runs)
     assert "| dreamer | 1." in table and "| dqn | " not in table.split("Normalised")[1]
+    assert "no threshold" not in table
     assert (
         "Left out of the aggregate, which needs a run for every env and seed: dqn (no run of Pendulum-v1 seeds 0, 1), "
         "sac (no run of CartPole-v1 seed 0)." in table
     )
+
+
+def test_results_table_reads_no_steps_for_an_env_without_a_threshold():
+    from sb3_dreamer.zoo_benchmark import results_table
+
+    runs = [{"algo": "dreamer", "env": "Acrobot-v1", "seed": s, "timesteps": [1000, 2000], "mean": [-500.0, -80.0],
+             "std": [0.0, 0.0], "finished": True, "wall_clock_s": 10.0} for s in (0, 1)]  # fmt: skip
+    table = results_table(runs)
+    assert "| dreamer | Acrobot-v1 (no threshold) | -, - | - | -80, -80 |" in table and "unsolved" not in table
