@@ -280,6 +280,7 @@ class Dreamer(BaseAlgorithm):
         self.replay_buffer_kwargs = replay_buffer_kwargs or {}
         self._update_credit = 0.0  # gradient updates owed to the env steps collected so far
         self._n_updates_at_start = 0  # _n_updates when the current learn() began
+        self._credited_env_steps = 0  # env steps of the current learn() that earned updates (train/replay_ratio)
         self._replay_normalizer_fit: tuple[VecNormalize, bool] | None = None  # see _replay_normalizer
         self._last_latent: LatentState | None = None
         self._last_rewards: np.ndarray | None = None
@@ -534,6 +535,7 @@ class Dreamer(BaseAlgorithm):
             # The env is about to be reset: the episode in progress in each column ends here.
             self.replay_buffer.truncate_last_trajectories()
         self._n_updates_at_start = self._n_updates  # the realised replay ratio is that of this learn() call
+        self._credited_env_steps = 0
         return super()._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
 
     def learn(
@@ -551,16 +553,18 @@ class Dreamer(BaseAlgorithm):
         callback.on_training_start(locals(), globals())
         assert self.env is not None, "You must set the environment before calling learn()"
         while self.num_timesteps < total_timesteps:
-            if not self.collect_rollouts(self.env, callback, log_interval):
-                break
+            continue_training = self.collect_rollouts(self.env, callback, log_interval)
             # Updates are owed from the first env step at which a batch can be sampled (no burst of
             # owed updates when the columns fill after learning_starts).
             if self.num_timesteps >= self.learning_starts and self.replay_buffer.can_sample(self.sequence_length):
                 self._update_credit += self.env.num_envs * self.updates_per_step
-                gradient_steps = int(self._update_credit)
-                if gradient_steps > 0:
-                    self._update_credit -= gradient_steps
-                    self.train(gradient_steps)
+                self._credited_env_steps += self.env.num_envs
+            if not continue_training:
+                break  # the step is stored (see collect_rollouts) and its updates stay owed to a continuing learn()
+            gradient_steps = int(self._update_credit)
+            if gradient_steps > 0:
+                self._update_credit -= gradient_steps
+                self.train(gradient_steps)
         callback.on_training_end()
         return self
 
@@ -683,19 +687,24 @@ class Dreamer(BaseAlgorithm):
         """Run ``gradient_steps`` updates, each on a fresh replayed batch."""
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
-        metrics: dict[str, th.Tensor] = {}
+        totals: dict[str, th.Tensor] = {}  # each metric summed over the updates, on the device
         for _ in range(gradient_steps):
             metrics = self.train_step(self.replay_buffer.sample(self.batch_size, self.sequence_length, env=self._replay_normalizer))
+            # Cloned first: a CUDA graph's outputs are its static tensors, which the next replay overwrites.
+            totals = {key: totals[key] + value for key, value in metrics.items()} if totals else {k: v.clone() for k, v in metrics.items()}
         self._n_updates += gradient_steps
-        values = dict(zip(metrics, th.stack(list(metrics.values())).tolist()))  # one host sync
+        # The mean over this call's updates, as SAC logs its losses; one host sync.
+        values = dict(zip(totals, (th.stack(list(totals.values())) / gradient_steps).tolist()))
         for key, value in values.items():
             self.logger.record(f"train/{key}", value)
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
         # Over this learn() call (a continued or reloaded model's num_timesteps may restart at 0, its
-        # _n_updates does not), counted from learning_starts.
+        # _n_updates does not): replayed steps per env step that earned updates (from the first at
+        # which a batch could be sampled), so train_ratio up to the fraction of an update still owed.
         updates = self._n_updates - self._n_updates_at_start
-        steps = max(self.num_timesteps - max(self.learning_starts, self._num_timesteps_at_start), 1)
-        self.logger.record("train/replay_ratio", updates * self.batch_size * self.sequence_length / steps)
+        self.logger.record(
+            "train/replay_ratio", updates * self.batch_size * self.sequence_length / max(self._credited_env_steps, 1)
+        )
 
     def train_step(self, data: SequenceSamples) -> dict[str, th.Tensor]:
         """One gradient update (eager, or replayed from a CUDA graph): returns detached 0-d metrics."""

@@ -180,7 +180,49 @@ def test_logged_replay_ratio_is_that_of_the_learn_call():
         model.learn(60, log_interval=None)  # no dump: the logger keeps the last recorded values
         logged.append(model.logger.name_to_value.get("train/replay_ratio"))
     assert model._n_updates == 82  # 41 per learn(): at env steps 20 (learning_starts) to 60
-    assert logged == [pytest.approx(41 * 16 / 40), pytest.approx(41 * 16 / 40)]  # updates x B x T / steps after 20
+    assert logged == [pytest.approx(16.0), pytest.approx(16.0)]  # updates x B x T / the 41 env steps that earned them
+
+
+@pytest.mark.parametrize("n_envs, learning_starts", [(4, 0), (3, 12)])
+def test_logged_replay_ratio_is_train_ratio(n_envs, learning_starts):
+    """Counted over the env steps that earned updates: not those before a batch could be sampled (sequence_length
+    steps of each column after learning_starts), which made it read 10.4 for 16 with 16 envs."""
+    model = make_model(make_vec_env("CartPole-v1", n_envs=n_envs, seed=0), learning_starts=learning_starts, train_ratio=16)
+    model.learn(120, log_interval=None)
+    assert model.logger.name_to_value["train/replay_ratio"] == pytest.approx(16.0)
+
+
+def test_logged_losses_are_the_mean_of_the_calls_updates(monkeypatch):
+    """As SAC logs its gradient steps' mean; the metrics train_step returns may be overwritten by the next update
+    (a CUDA graph's static outputs), so they are summed from a copy."""
+    model = make_model("CartPole-v1", learning_starts=10_000)
+    model.learn(40, log_interval=None)
+    static = {"model_loss": th.zeros(())}
+    count = iter(range(1, 10))
+
+    def train_step(data):
+        static["model_loss"].fill_(next(count))  # in place, as a graph replay writes its outputs
+        return static
+
+    monkeypatch.setattr(model, "train_step", train_step)
+    model.train(3)
+    assert model.logger.name_to_value["train/model_loss"] == pytest.approx(2.0)  # (1 + 2 + 3) / 3
+
+
+def test_a_step_that_stops_training_keeps_its_updates_owed():
+    """The stopping step is stored (its rows, the latent carried), so its updates are paid by the next learn()."""
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class StopEvery(BaseCallback):
+        def _on_step(self) -> bool:
+            return self.n_calls % 10 != 0
+
+    whole = make_model("CartPole-v1", learning_starts=20, train_ratio=16, seed=0)
+    whole.learn(200, log_interval=None)
+    stopped = make_model("CartPole-v1", learning_starts=20, train_ratio=16, seed=0)
+    while stopped.num_timesteps < 200:
+        stopped.learn(200 - stopped.num_timesteps, callback=StopEvery(), reset_num_timesteps=False, log_interval=None)
+    assert stopped._n_updates + int(stopped._update_credit) == whole._n_updates + int(whole._update_credit)
 
 
 def test_learning_rate_schedule():
