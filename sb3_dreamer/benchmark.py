@@ -13,7 +13,7 @@ interrupted benchmark resumes. Each evaluation is printed as it appears in its r
 The policy follows the observation space (``MlpLatentPolicy``, ``CnnLatentPolicy`` for images,
 ``MultiInputLatentPolicy`` for Dict). Pixel tasks (:mod:`sb3_dreamer.envs`, for a GPU):
 
-    python -m sb3_dreamer.benchmark --envs CartPolePixels-v1 CartPoleDict-v1 --seeds 0 1 2 --jobs 3 --out runs/pixels
+    python -m sb3_dreamer.benchmark --envs CartPolePixels-v1 CartPoleDict-v1 --seeds 0 1 2 --jobs 6 --eval-freq 2500 --out runs/pixels
 """
 
 from __future__ import annotations
@@ -78,6 +78,8 @@ def run_one(env_id: str, seed: int, steps: int, out: Path, kwargs: dict, eval_fr
         "seed": seed,
         "steps": steps,
         "kwargs": kwargs,
+        "eval_freq": eval_freq,
+        "eval_episodes": eval_episodes,
         "eval_timesteps": [t for t, _, _ in evaluations],
         "eval_returns": [r for _, r, _ in evaluations],
         "eval_wall_clock_s": [c for _, _, c in evaluations],
@@ -159,6 +161,28 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def refuse_other_settings(args: argparse.Namespace) -> None:
+    """SystemExit naming the finished runs in ``args.out`` that were made with other settings than this
+    command's (env steps, ``--kwargs``, evaluation frequency and episodes): skipping them would report them
+    as this command's. A record written before a setting was recorded is not compared on it."""
+    differing = []
+    for env_id in args.envs:
+        wanted = dict(steps=args.steps or BUDGETS.get(env_id, 20_000), kwargs=args.kwargs, eval_freq=args.eval_freq,
+                      eval_episodes=args.eval_episodes)  # fmt: skip
+        for seed in args.seeds:
+            path = args.out / f"{env_id}_seed{seed}.json"
+            if path.exists():
+                record = json.loads(path.read_text())
+                diff = [f"{k} {record[k]!r} (here: {v!r})" for k, v in wanted.items() if k in record and record[k] != v]
+                if diff:
+                    differing.append(f"  {path.name}: {', '.join(diff)}")
+    if differing:
+        raise SystemExit(
+            f"{args.out} holds finished runs made with other settings than this command's:\n" + "\n".join(differing)
+            + "\nGive this command its own --out (or the settings those runs were made with)."
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     envs_help = f"any of {', '.join(THRESHOLDS)}"
@@ -179,6 +203,7 @@ def main(argv: list[str] | None = None) -> None:
         run_one(env_id, seed, args.steps or BUDGETS.get(env_id, 20_000), args.out, args.kwargs, args.eval_freq, args.eval_episodes)
         return
 
+    refuse_other_settings(args)
     todo = [(e, s) for e in args.envs for s in args.seeds if not (args.out / f"{e}_seed{s}.json").exists()]
     print(f"{len(todo)} run(s) to do, {len(args.envs) * len(args.seeds) - len(todo)} already done in {args.out}", flush=True)
     jobs, printer = [], EvaluationPrinter()

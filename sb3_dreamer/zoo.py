@@ -366,6 +366,13 @@ def main(argv: list[str] | None = None) -> None:
     register()
     if command == "train":
         checkpoint_every, resume, args = split_resume_args(args)
+        if resume is not None and not any(a == "--seed" or a.startswith("--seed=") for a in args):
+            from sb3_dreamer.zoo_resume import run_seed
+
+            seed = run_seed(resume)  # else the zoo draws a random seed, which the resume would refuse
+            if seed is not None:
+                print(f"--resume {resume}: no --seed given, taking the run's seed {seed}")
+                args = [*args, "--seed", str(seed)]
         args = with_default_config(args)
         import rl_zoo3.train
 

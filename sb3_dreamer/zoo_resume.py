@@ -96,6 +96,15 @@ def read_run_args(run_folder: str | Path, env_name: str) -> dict[str, Any] | Non
         return dict(yaml.load(f, Loader=yaml.UnsafeLoader))
 
 
+def run_seed(run_folder: str | Path) -> int | None:
+    """The seed a run began with (its ``<Env>/args.yml``), for a ``--resume`` that gives none; None if not recorded."""
+    for path in sorted(Path(run_folder).glob("*/args.yml")):
+        seed = (read_run_args(run_folder, path.parent.name) or {}).get("seed")
+        if seed is not None:
+            return int(seed)
+    return None
+
+
 def run_budget(run_folder: str | Path, env_name: str, started_args: dict[str, Any] | None) -> int | None:
     """The budget a run began with: the ``-n`` of its ``started_args`` (its args.yml) when given, else
     the ``n_timesteps`` of its hyperparameters (its config.yml); None when neither is recorded."""

@@ -30,6 +30,13 @@ def test_benchmark_writes_records_and_table(tmp_path, capsys):
     assert record["n_updates"] > 0
     table = (tmp_path / "results.md").read_text()
     assert "| CartPole-v1 (475) |" in table
+    # A rerun with other settings does not take the finished run as its own: refused, naming it.
+    with pytest.raises(SystemExit, match=r"CartPole-v1_seed0.json: steps 200 \(here: 300\)"):
+        main([*args[:5], "300", *args[6:], "--out", str(tmp_path), "--kwargs", json.dumps(kwargs)])
+    with pytest.raises(SystemExit, match=r"eval_freq 100 \(here: 50\)"):
+        main([*args[:7], "50", *args[8:], "--out", str(tmp_path), "--kwargs", json.dumps(kwargs)])
+    main([*args, "--out", str(tmp_path), "--kwargs", json.dumps(kwargs)])  # the same settings: skipped
+    assert "0 run(s) to do, 1 already done" in capsys.readouterr().out
 
 
 def test_evaluation_printer_shows_each_new_evaluation_once(tmp_path, capsys):

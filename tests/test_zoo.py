@@ -290,8 +290,11 @@ def test_a_run_resumes_from_its_checkpoint_in_its_own_folder(tmp_path):
     assert resumed.count[0] >= rows + 200  # the first attempt's rows are kept, then the new ones
     np.testing.assert_array_equal(resumed.actions[:rows], first.actions[:rows])
     assert len(load_results(str(run))) > episodes  # both attempts' training episodes
-    # Without -n, a resume keeps the run's budget (the -n it was last given, recorded in its args.yml), not the YAML's 1e4.
-    out = zoo("train", *common, "--resume", str(run), *params, cwd=tmp_path)
+    # Without -n, a resume keeps the run's budget (the -n it was last given, recorded in its args.yml), not the YAML's 1e4;
+    # without --seed, the run's seed (the zoo would draw a random one, which the resume refuses).
+    unseeded = [*common[: common.index("--seed")], *common[common.index("--seed") + 2 :]]
+    out = zoo("train", *unseeded, "--resume", str(run), *params, cwd=tmp_path)
+    assert "no --seed given, taking the run's seed 0" in out
     assert f"Resuming {run} from checkpoint_500 to 500 env steps" in out
     assert list(np.load(run / "evaluations.npz")["timesteps"]) == [100, 200, 300, 400, 500]
     assert read_run_args(run, "CartPole-v1")["n_timesteps"] == 500
