@@ -556,12 +556,13 @@ class Dreamer(BaseAlgorithm):
             continue_training = self.collect_rollouts(self.env, callback, log_interval)
             # Updates are owed from the first env step at which a batch can be sampled (no burst of
             # owed updates when the columns fill after learning_starts).
-            if self.num_timesteps >= self.learning_starts and self.replay_buffer.can_sample(self.sequence_length):
+            can_learn = self.num_timesteps >= self.learning_starts and self.replay_buffer.can_sample(self.sequence_length)
+            if can_learn:
                 self._update_credit += self.env.num_envs * self.updates_per_step
                 self._credited_env_steps += self.env.num_envs
             if not continue_training:
                 break  # the step is stored (see collect_rollouts) and its updates stay owed to a continuing learn()
-            gradient_steps = int(self._update_credit)
+            gradient_steps = int(self._update_credit) if can_learn else 0  # owed updates wait for a batch to sample
             if gradient_steps > 0:
                 self._update_credit -= gradient_steps
                 self.train(gradient_steps)
@@ -690,8 +691,10 @@ class Dreamer(BaseAlgorithm):
         totals: dict[str, th.Tensor] = {}  # each metric summed over the updates, on the device
         for _ in range(gradient_steps):
             metrics = self.train_step(self.replay_buffer.sample(self.batch_size, self.sequence_length, env=self._replay_normalizer))
-            # Cloned first: a CUDA graph's outputs are its static tensors, which the next replay overwrites.
-            totals = {key: totals[key] + value for key, value in metrics.items()} if totals else {k: v.clone() for k, v in metrics.items()}
+            if not totals:  # cloned: a CUDA graph's outputs are its static tensors, which the next replay overwrites
+                totals = {key: value.clone() for key, value in metrics.items()}
+            else:
+                totals = {key: totals[key] + value for key, value in metrics.items()}
         self._n_updates += gradient_steps
         # The mean over this call's updates, as SAC logs its losses; one host sync.
         values = dict(zip(totals, (th.stack(list(totals.values())) / gradient_steps).tolist()))

@@ -225,6 +225,23 @@ def test_a_step_that_stops_training_keeps_its_updates_owed():
     assert stopped._n_updates + int(stopped._update_credit) == whole._n_updates + int(whole._update_credit)
 
 
+def test_owed_updates_wait_until_a_batch_can_be_sampled(tmp_path):
+    """A model stopped with an update owed, loaded without its replay: it trains once the new replay holds a batch."""
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class StopAt60(BaseCallback):
+        def _on_step(self) -> bool:
+            return self.n_calls < 60
+
+    model = make_model("CartPole-v1", learning_starts=20, train_ratio=16, seed=0)
+    model.learn(100, callback=StopAt60())
+    assert model._update_credit >= 1.0
+    model.save(tmp_path / "model.zip")
+    loaded = Dreamer.load(tmp_path / "model.zip", env=model.get_env())
+    loaded.learn(30, reset_num_timesteps=False)
+    assert loaded._n_updates > model._n_updates
+
+
 def test_learning_rate_schedule():
     model = make_model("CartPole-v1", learning_rate=lambda progress: 1e-3 * progress, learning_starts=30)
     assert type(model.lr_schedule(1.0)) is float
