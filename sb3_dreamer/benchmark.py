@@ -161,13 +161,18 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def run_steps(env_id: str, steps: int | None) -> int:
+    """Env steps of a run: ``--steps`` when given, else the env's budget (:data:`BUDGETS`, 20,000 for others)."""
+    return steps or BUDGETS.get(env_id, 20_000)
+
+
 def refuse_other_settings(args: argparse.Namespace) -> None:
     """SystemExit naming the finished runs in ``args.out`` that were made with other settings than this
     command's (env steps, ``--kwargs``, evaluation frequency and episodes): skipping them would report them
     as this command's. A record written before a setting was recorded is not compared on it."""
     differing = []
     for env_id in args.envs:
-        wanted = dict(steps=args.steps or BUDGETS.get(env_id, 20_000), kwargs=args.kwargs, eval_freq=args.eval_freq,
+        wanted = dict(steps=run_steps(env_id, args.steps), kwargs=args.kwargs, eval_freq=args.eval_freq,
                       eval_episodes=args.eval_episodes)  # fmt: skip
         for seed in args.seeds:
             path = args.out / f"{env_id}_seed{seed}.json"
@@ -200,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.one:
         env_id, seed = args.one[0], int(args.one[1])
-        run_one(env_id, seed, args.steps or BUDGETS.get(env_id, 20_000), args.out, args.kwargs, args.eval_freq, args.eval_episodes)
+        run_one(env_id, seed, run_steps(env_id, args.steps), args.out, args.kwargs, args.eval_freq, args.eval_episodes)
         return
 
     refuse_other_settings(args)

@@ -175,7 +175,7 @@ def _experiment_manager(checkpoint_every: int | None = None, resume: str | None 
             # A copy for the model: SB3 adds use_sde to a given policy_kwargs and the zoo gamma to a normalize
             # dict in place, and those dicts are also -params' (args.yml) and config.yml's, which a resume compares.
             hyperparams = copy.deepcopy(hyperparams)
-            self._rollout = (hyperparams.get("n_steps"), hyperparams.get("n_envs", 1))
+            self._n_steps = hyperparams.get("n_steps")  # an on-policy algorithm's rollout length, if the YAML sets it
             if self.resumed_from is not None:
                 started = zoo_resume.read_run_config(self.save_path, self.env_name)
                 mismatches = zoo_resume.config_mismatches(started, dict(saved)) if started is not None else []
@@ -215,10 +215,10 @@ def _experiment_manager(checkpoint_every: int | None = None, resume: str | None 
             algo_class = ALGOS[self.algo]
             if not issubclass(algo_class, OnPolicyAlgorithm):
                 return self.n_timesteps
-            n_steps, n_envs = getattr(self, "_rollout", (None, 1))
+            n_steps = getattr(self, "_n_steps", None)
             if n_steps is None:  # the algorithm's own default
                 n_steps = inspect.signature(algo_class.__init__).parameters["n_steps"].default
-            rollout = int(n_steps) * int(n_envs)
+            rollout = int(n_steps) * self.n_envs  # the zoo's n_envs, read with the hyperparameters
             return -(-self.n_timesteps // rollout) * rollout
 
         def create_callbacks(self) -> None:
