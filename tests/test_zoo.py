@@ -54,7 +54,7 @@ def test_repository_yaml_is_the_packaged_one():
     assert repo_yaml.read_text() == default_config_path().read_text()
 
 
-@pytest.mark.parametrize("env_id", [k for k in yaml.safe_load(default_config_path().read_text()) if k != "default"])
+@pytest.mark.parametrize("env_id", [k for k in yaml.safe_load(default_config_path().read_text()) if k not in ("default", "atari")])
 def test_every_yaml_entry_builds_a_model(env_id):
     import rl_zoo3.import_envs  # noqa: F401  (registers the NoVel envs)
 
@@ -63,6 +63,23 @@ def test_every_yaml_entry_builds_a_model(env_id):
     kwargs = {k: v for k, v in hyperparams.items() if k not in ZOO_KEYS}
     model = Dreamer(hyperparams["policy"], env_id, **kwargs)
     assert type(model.policy).__name__ == hyperparams["policy"]
+
+
+def test_atari_entry_trains_and_enjoys_through_the_zoo(tmp_path):
+    # The zoo reads the "atari" entry for every Atari game (KeyError 'atari' without one): Dreamer's wrapping,
+    # unclipped rewards and no frame stack, one 64 x 64 grayscale frame per observation.
+    pytest.importorskip("ale_py", reason='Atari needs pip install "sb3-dreamer[atari]"')
+    pytest.importorskip("cv2", reason='Atari needs pip install "sb3-dreamer[atari]"')
+    tiny_cnn = TINY.replace(")", ",depth=4)")
+    common = ["--env", "PongNoFrameskip-v4", "-f", "logs", "--device", "cpu"]
+    out = zoo("train", "--algo", "dreamer", *common, "-n", "100", "--eval-freq", "1000", "--seed", "0",
+              "-params", "learning_starts:64", "train_ratio:16", tiny_cnn, cwd=tmp_path)  # fmt: skip
+    assert "Stacking" not in out
+    config = (tmp_path / "logs" / "dreamer" / "PongNoFrameskip-v4_1" / "PongNoFrameskip-v4" / "config.yml").read_text()
+    assert "clip_reward: false" in config and "CnnLatentPolicy" in config
+    model = Dreamer.load(tmp_path / "logs" / "dreamer" / "PongNoFrameskip-v4_1" / "PongNoFrameskip-v4.zip", device="cpu")
+    assert model.observation_space.shape == (1, 64, 64) and model.num_timesteps == 100
+    zoo("enjoy", "--algo", "dreamer", *common, "-n", "30", "--no-render", cwd=tmp_path)  # the run's wrapping, reloaded
 
 
 def test_optuna_sampler_gives_valid_dreamer_kwargs():
