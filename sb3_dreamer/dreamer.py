@@ -490,8 +490,9 @@ class Dreamer(BaseAlgorithm):
             raise TypeError(f"{path} holds a {type(buffer).__name__}, not a SequenceReplayBuffer")
         if buffer.n_envs != self.n_envs:
             raise ValueError(
-                f"The replay buffer has {buffer.n_envs} env columns but the model has n_envs={self.n_envs}: give the "
-                f"model an env of {buffer.n_envs} envs (set_env, or load(..., env=...)) before loading this buffer"
+                f"The replay buffer has {buffer.n_envs} env columns but the model has n_envs={self.n_envs}: build or load "
+                f"the model with an env of {buffer.n_envs} envs (Dreamer(policy, env) or Dreamer.load(path, env=env); set_env "
+                "cannot change the number of envs) before loading this buffer"
             )
         for kind, saved, own in (("observation", buffer.observation_space, self.observation_space),
                                  ("action", buffer.action_space, self.action_space)):  # fmt: skip

@@ -27,6 +27,7 @@ from sb3_dreamer.networks.rssm import GRUWeights
 from sb3_dreamer.networks.world_model import WorldModel
 from sb3_dreamer.optimizers import LaProp
 from sb3_dreamer.presets import DEFAULT_SIZE, resolve_size
+from sb3_dreamer.save_util import replaced_when_complete
 from sb3_dreamer.type_aliases import ActorLosses, LatentState, Trajectory
 
 # The policy (alias) suited to each kind of observation space.
@@ -350,6 +351,12 @@ class DreamerPolicy(CompiledMethods, BasePolicy):
 
     def forward(self, obs: PyTorchObs, deterministic: bool = False) -> th.Tensor:
         return self._predict(obs, deterministic)
+
+    def save(self, path: str) -> None:
+        """As SB3's ``BasePolicy.save`` (``DreamerPolicy.load`` reads it), but a file already at ``path`` is
+        replaced only by a complete new one (:func:`~sb3_dreamer.save_util.replaced_when_complete`)."""
+        with replaced_when_complete(path, "") as target:
+            super().save(target)  # type: ignore[arg-type]
 
     def dream(self, observations: np.ndarray | dict[str, np.ndarray], actions: np.ndarray, context: int = 5) -> Dream:
         """The world model's open-loop predictions after ``context`` observed steps of a real

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
 import pickle
+import subprocess
+import sys
 from collections import OrderedDict
 from copy import deepcopy
 
@@ -14,6 +17,7 @@ import torch as th
 from stable_baselines3.common.env_util import make_vec_env
 
 from sb3_dreamer import Dreamer, DreamerPolicy
+from sb3_dreamer.save_util import partial_prefix
 
 from .helpers import assert_state_dicts_equal, make_model, predict_sequence, time_limited
 
@@ -232,6 +236,50 @@ def test_a_save_stopped_midway_leaves_the_previous_files(tmp_path, monkeypatch):
     assert Dreamer.load(tmp_path / "model.zip").num_timesteps == 30
     model.save(tmp_path / "model.zip")  # a complete save replaces the file
     assert Dreamer.load(tmp_path / "model.zip").num_timesteps == 40 and len(list(tmp_path.iterdir())) == 2
+
+
+def test_a_killed_saves_partial_file_goes_at_the_next_save(tmp_path):
+    # A kill (SIGTERM, SIGKILL) runs no cleanup, so its temporary file stays beside the target until the next
+    # save there, which deletes those of processes that no longer run on this machine and keeps the others.
+    model = make_model("CartPole-v1")
+    final = tmp_path / "model.zip"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"{partial_prefix(final)}{dead.pid}.partial"
+    running = tmp_path / f"{partial_prefix(final)}{os.getppid()}.partial"  # a save in progress in another process
+    elsewhere = tmp_path / f".model.zip.another-machine-{dead.pid}.partial"  # on a shared disk
+    for path in (stale, running, elsewhere):
+        path.write_bytes(b"partial")
+    model.save(final)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model.zip", running.name, elsewhere.name])
+
+
+def test_save_to_a_long_file_name(tmp_path):
+    # 250 bytes: a valid name, whose temporary file's name must stay under the 255-byte limit
+    model = make_model("CartPole-v1", learning_starts=5)
+    model.learn(10)
+    model.save(tmp_path / ("m" * 246 + ".zip"))
+    model.save_replay_buffer(tmp_path / ("r" * 246 + ".pkl"))
+    model.policy.save(tmp_path / ("p" * 250))
+    assert Dreamer.load(tmp_path / ("m" * 246 + ".zip")).num_timesteps == 10
+    assert len(list(tmp_path.iterdir())) == 3
+
+
+def test_policy_save_stopped_midway_leaves_the_previous_file(trained, tmp_path, monkeypatch):
+    model, _ = trained
+    path = tmp_path / "policy.pth"
+    model.policy.save(path)
+    before = path.read_bytes()
+
+    def stopped(obj, f, *args, **kwargs):
+        with open(f, "wb") as file:
+            file.write(b"partial")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(th, "save", stopped)
+    with pytest.raises(OSError, match="No space left"):
+        model.policy.save(path)
+    assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
 
 
 def test_save_to_file_object():
