@@ -91,6 +91,16 @@ def action_vector_dim(action_space: spaces.Space) -> int:
 ARRAYS = ("observations", "actions", "rewards", "is_first", "is_last", "is_terminal", "deter", "stoch")
 
 
+def saved_device(name: str) -> th.device:
+    """The device a saved buffer's rows go to on this machine: ``name`` as SB3's ``get_device`` reads it
+    (the CPU without CUDA), and the current GPU where ``name``'s GPU index is past this machine's
+    GPUs (a buffer saved from "cuda:1" loaded where there is one GPU)."""
+    device = get_device(name)
+    if device.type == "cuda" and device.index is not None and device.index >= th.cuda.device_count():
+        return th.device("cuda")
+    return device
+
+
 def map_arrays(values: dict, fn: Callable[[Any], Any]) -> None:
     """Replace each stored array of :data:`ARRAYS` in ``values`` (a buffer's ``__dict__`` or its
     pickled state) by ``fn(array)``, per key for a Dict observation's dict of arrays; absent ones are skipped."""
@@ -447,7 +457,7 @@ class SequenceReplayBuffer:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self.device = get_device(state["device"])
+        self.device = saved_device(state["device"])
         self.obs_spaces = observation_subspaces(self.observation_space)  # absent from buffers pickled before Dict support
         self.storage = state.get("storage", "host")  # absent from buffers pickled before the option
         device = self.device if self.on_device and self._allocated else None

@@ -12,7 +12,7 @@ from stable_baselines3.common.callbacks import StopTrainingOnMaxEpisodes
 from stable_baselines3.common.save_util import load_from_pkl, save_to_pkl
 from stable_baselines3.common.vec_env import DummyVecEnv, VecFrameStack, VecMonitor, VecNormalize
 
-from sb3_dreamer.buffers import SequenceReplayBuffer
+from sb3_dreamer.buffers import SequenceReplayBuffer, saved_device
 from sb3_dreamer.type_aliases import SequenceSamples
 
 from .helpers import counting_env, make_model, time_limited
@@ -594,3 +594,15 @@ def test_load_replay_buffer_keeps_rows_where_the_model_asks(tmp_path, saved, wan
 def test_rejects_unknown_storage():
     with pytest.raises(ValueError, match="storage must be one of"):
         SequenceReplayBuffer(16, OBS_SPACE, ACTION_SPACE, device="cpu", storage="disk")
+
+
+def test_saved_device_maps_a_missing_gpu_to_one_that_is_here(monkeypatch):
+    # A buffer kept on "cuda:1" (storage="device") and loaded on a machine with one GPU: its rows go to the
+    # current GPU instead of failing in unpickling with an invalid device ordinal; without CUDA, to the CPU.
+    assert saved_device("cpu") == th.device("cpu")
+    monkeypatch.setattr(th.cuda, "is_available", lambda: False)
+    assert saved_device("cuda:1") == th.device("cpu")
+    monkeypatch.setattr(th.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(th.cuda, "device_count", lambda: 1)
+    assert saved_device("cuda:1") == th.device("cuda") and saved_device("cuda:0") == th.device("cuda:0")
+    assert saved_device("cuda") == th.device("cuda")
