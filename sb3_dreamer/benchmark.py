@@ -19,6 +19,7 @@ The policy follows the observation space (``MlpLatentPolicy``, ``CnnLatentPolicy
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import re
 import sys
@@ -33,6 +34,8 @@ from sb3_dreamer.launcher import Job, run_jobs
 
 THRESHOLDS = {"CartPole-v1": 475.0, "Pendulum-v1": -200.0, "CartPolePixels-v1": 475.0, "CartPoleDict-v1": 475.0}
 BUDGETS = {"CartPole-v1": 10_000, "Pendulum-v1": 6_000, "CartPolePixels-v1": 25_000, "CartPoleDict-v1": 25_000}
+EVAL_SEED_OFFSET = 10_000  # the evaluation env of seed s is seeded s + 10,000
+MAX_SEED = 2**32 - 1 - EVAL_SEED_OFFSET
 # The pixel envs (sb3_dreamer.envs; 64 x 64 rendered frames) are for a GPU: on a CPU core a
 # CnnLatentPolicy update is several times slower than an MlpLatentPolicy one.
 
@@ -49,7 +52,7 @@ def run_one(env_id: str, seed: int, steps: int, out: Path, kwargs: dict, eval_fr
 
     env = make_vec_env(env_id, n_envs=1, seed=seed)
     model = Dreamer(policy_for(env.observation_space), env, seed=seed, **kwargs)
-    eval_env = make_vec_env(env_id, n_envs=1, seed=seed + 10_000)
+    eval_env = make_vec_env(env_id, n_envs=1, seed=seed + EVAL_SEED_OFFSET)
     if is_vecenv_wrapped(model.get_env(), VecTransposeImage):  # as Dreamer wrapped the training env
         eval_env = VecTransposeImage(eval_env)
     evaluations: list[tuple[int, float, float]] = []  # (env steps, mean return, seconds since start)
@@ -144,17 +147,21 @@ def table(records: list[dict]) -> str:
     ]
     for env_id in sorted({r["env"] for r in records}):
         runs = sorted((r for r in records if r["env"] == env_id), key=lambda r: r["seed"])
-        thr = THRESHOLDS.get(env_id, float("inf"))
-        first = [first_solved(r["eval_returns"], thr) for r in runs]
-        steps = [np.inf if i is None else r["eval_timesteps"][i] for r, i in zip(runs, first)]
-        clock = [np.inf if i is None else r["eval_wall_clock_s"][i] for r, i in zip(runs, first)]
-        stays = sum(i is not None and min(r["eval_returns"][i:]) >= thr for r, i in zip(runs, first))
-        k = lambda s: "unsolved" if np.isinf(s) else f"{s / 1000:g}k"  # noqa: E731
-        finals = ", ".join(f"{r['eval_returns'][-1]:.0f}" for r in runs)
-        median_clock = np.median(clock)
+        finals = ", ".join(f"{r['eval_returns'][-1]:.0f}" if r["eval_returns"] else "no evaluation" for r in runs)
+        if env_id in THRESHOLDS:
+            thr = THRESHOLDS[env_id]
+            first = [first_solved(r["eval_returns"], thr) for r in runs]
+            steps = [np.inf if i is None else r["eval_timesteps"][i] for r, i in zip(runs, first)]
+            clock = [np.inf if i is None else r["eval_wall_clock_s"][i] for r, i in zip(runs, first)]
+            stays = sum(i is not None and min(r["eval_returns"][i:]) >= thr for r, i in zip(runs, first))
+            k = lambda s: "unsolved" if np.isinf(s) else f"{s / 1000:g}k"  # noqa: E731
+            median_clock = np.median(clock)
+            solve = (f"{env_id} ({thr:g}) | {', '.join(k(s) for s in steps)} | {k(np.median(steps))} "
+                     f"| {'unsolved' if np.isinf(median_clock) else f'{median_clock:.0f} s'} | {finals} | {stays}/{len(runs)}")  # fmt: skip
+        else:  # no threshold: nothing counts as solved
+            solve = f"{env_id} (no threshold) | - | - | - | {finals} | -"
         lines.append(
-            f"| {env_id} ({thr:g}) | {', '.join(k(s) for s in steps)} | {k(np.median(steps))} "
-            f"| {'unsolved' if np.isinf(median_clock) else f'{median_clock:.0f} s'} | {finals} | {stays}/{len(runs)} "
+            f"| {solve} "
             f"| {np.median([r['wall_clock_s'] for r in runs]):.0f} s for {runs[0]['steps'] / 1000:g}k steps "
             f"| {np.median([r['updates_per_s'] for r in runs]):.1f} |"
         )
@@ -188,9 +195,47 @@ def refuse_other_settings(args: argparse.Namespace) -> None:
         )
 
 
+def argument_errors(args: argparse.Namespace) -> list[str]:
+    """What in a benchmark command would make its runs fail, or report nothing, named before any run
+    starts: an env gymnasium does not know, ``--kwargs`` that are not Dreamer keyword arguments, counts
+    below 1, an evaluation frequency past a run's env steps, seeds outside numpy's range."""
+    import gymnasium as gym
+
+    from sb3_dreamer import Dreamer
+
+    errors = []
+    for env_id in args.envs:
+        try:
+            gym.spec(env_id)
+        except gym.error.Error as error:
+            errors.append(f"unknown env {env_id!r}: {error}")
+    if not isinstance(args.kwargs, dict):
+        errors.append(f"--kwargs takes a JSON object of Dreamer keyword arguments, got {args.kwargs!r}")
+    else:
+        accepted = set(inspect.signature(Dreamer.__init__).parameters) - {"self", "policy", "env", "seed"}
+        unknown = sorted(set(args.kwargs) - accepted)
+        if unknown:
+            errors.append(f"--kwargs {', '.join(unknown)} {'is not a' if len(unknown) == 1 else 'are not'} Dreamer "
+                          f"keyword argument{'s' * (len(unknown) > 1)}; it takes {', '.join(sorted(accepted))}")  # fmt: skip
+    for name in ("jobs", "eval_freq", "eval_episodes"):
+        if getattr(args, name) < 1:
+            errors.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.steps is not None and args.steps < 1:
+        errors.append(f"--steps must be at least 1 (leave it out for each env's budget), got {args.steps}")
+    elif args.eval_freq >= 1:
+        short = [f"{e} ({run_steps(e, args.steps)})" for e in args.envs if run_steps(e, args.steps) < args.eval_freq]
+        if short:
+            errors.append(f"--eval-freq {args.eval_freq} evaluates no run within the env steps of {', '.join(short)}: the "
+                          "table reads runs by their evaluations; pass a smaller --eval-freq or more --steps")  # fmt: skip
+    bad_seeds = [s for s in args.seeds if not 0 <= s <= MAX_SEED]
+    if bad_seeds:
+        errors.append(f"seeds must be in 0..{MAX_SEED} (numpy's range, less the evaluation env's offset), got {bad_seeds}")
+    return errors
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    envs_help = f"any of {', '.join(THRESHOLDS)}"
+    envs_help = f"gymnasium env ids; steps to solve are counted for {', '.join(THRESHOLDS)} (the others have no threshold)"
     parser.add_argument("--envs", nargs="+", default=["CartPole-v1", "Pendulum-v1"], help=envs_help)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=None, help="env steps per run (default: per-env budget)")
@@ -202,9 +247,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--one", nargs=2, metavar=("ENV", "SEED"),
                         help="run one (env, seed) in this process (what --jobs launches per run), its JSON under --out")
     args = parser.parse_args(argv)
+    if args.one:
+        if not args.one[1].isdigit():
+            parser.error(f"--one takes an env id and a seed (a whole number >= 0), got seed {args.one[1]!r}")
+        args.envs, args.seeds = [args.one[0]], [int(args.one[1])]
+    args.envs, args.seeds = list(dict.fromkeys(args.envs)), list(dict.fromkeys(args.seeds))  # each run once
+    if errors := argument_errors(args):
+        parser.error("; ".join(errors))
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file; give a folder (made if missing)")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.one:
-        env_id, seed = args.one[0], int(args.one[1])
+        env_id, seed = args.envs[0], args.seeds[0]
         run_one(env_id, seed, run_steps(env_id, args.steps), args.out, args.kwargs, args.eval_freq, args.eval_episodes)
         return
 
@@ -219,11 +273,14 @@ def main(argv: list[str] | None = None) -> None:
             cmd += ["--steps", str(args.steps)]
         jobs.append(Job(f"{env_id} seed {seed}", cmd, args.out / f"{env_id}_seed{seed}.log"))
         printer.start(jobs[-1])
-    run_jobs(jobs, args.jobs, status=printer, status_every=5.0, on_done=printer.done)
+    outcomes = run_jobs(jobs, args.jobs, status=printer, status_every=5.0, on_done=printer.done)
     records = [json.loads(p.read_text()) for e in args.envs for s in args.seeds if (p := args.out / f"{e}_seed{s}.json").exists()]
     result = table(records)
     (args.out / "results.md").write_text(result + "\n")
     print(result)
+    if failed := [job for job in jobs if outcomes[job.name][0] != 0]:
+        raise SystemExit(f"{len(failed)} run(s) failed, not in the table: "
+                         + ", ".join(f"{job.name} (see {job.log})" for job in failed))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -46,6 +46,8 @@ def run_jobs(
         it produced is recorded even if the jobs after it are stopped
     :return: for each job name, (exit code, wall-clock seconds)
     """
+    if parallel < 1:
+        raise ValueError(f"parallel must be at least 1 (jobs run at a time), got {parallel}")
     pending, running = list(jobs), []
     results: dict[str, tuple[int, float]] = {}
     last_status = time.perf_counter()

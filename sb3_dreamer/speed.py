@@ -79,6 +79,20 @@ def _warm_up(model: Dreamer, updates: int) -> None:
 ACTING_STEPS_DROPPED = 10  # the first predict() calls are not timed (first-call overheads)
 
 
+def policy_for_env(env_id: str) -> str:
+    """The policy alias for ``env_id``'s observation space (as the learning benchmark picks it:
+    :func:`sb3_dreamer.benchmark.policy_for`), so image and Dict envs time their own policy."""
+    import gymnasium as gym
+
+    from sb3_dreamer.benchmark import policy_for
+
+    env = gym.make(env_id)
+    try:
+        return policy_for(env.observation_space)
+    finally:
+        env.close()
+
+
 def count_problems(updates: int, warmup: int, acting_steps: int, learn_steps: int) -> list[str]:
     """What is wrong with the counts of a speed run (named as the command's options), for
     :func:`measure` and ``main``; empty when they measure something."""
@@ -125,7 +139,7 @@ def measure(
         parallel_backward=parallel_backward, retain_cpu_memory=retain_cpu_memory, policy_kwargs=dict(size=size),
         device=device, seed=seed,
     )  # fmt: skip
-    model = Dreamer("MlpLatentPolicy", env_id, **kwargs)
+    model = Dreamer(policy_for_env(env_id), env_id, **kwargs)
     dev = model.device
     warm_start = time.perf_counter()
     _fill_replay(model)
@@ -154,7 +168,7 @@ def measure(
 
     learn_env_steps_per_s = None
     if learn_steps:
-        learner = Dreamer("MlpLatentPolicy", env_id, **kwargs)
+        learner = Dreamer(policy_for_env(env_id), env_id, **kwargs)
         _fill_replay(learner)  # a replay that holds a batch, whatever the sequence length
         # Its first update untimed: there the learner compiles (its own functions) and captures its CUDA graph
         # (the fill's learn() ends with no update where an update falls less than once per env step).
@@ -229,7 +243,7 @@ def compare(
             paths = {name: options for name, options in paths.items() if not options.get("compile_losses")}
     models, warm = {}, {}
     for name, options in paths.items():
-        model = Dreamer("MlpLatentPolicy", env_id, device=device, seed=seed, **options, **kwargs)
+        model = Dreamer(policy_for_env(env_id), env_id, device=device, seed=seed, **options, **kwargs)
         start = time.perf_counter()
         _warm_up(model, warmup)
         warm[name], models[name] = time.perf_counter() - start, model
@@ -310,7 +324,7 @@ def profile_updates(
 
     from sb3_dreamer import Dreamer
 
-    model = Dreamer("MlpLatentPolicy", env_id, device=device, seed=seed, **kwargs)
+    model = Dreamer(policy_for_env(env_id), env_id, device=device, seed=seed, **kwargs)
     _warm_up(model, warmup)
     cuda = model.device.type == "cuda"
     with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])], record_shapes=True) as prof:
@@ -374,13 +388,16 @@ def main(argv: list[str] | None = None) -> None:
         ("--profile and --compare are two different runs: give one", args.profile and args.compare),
         ("--json prints the timing record or --compare's results, not --profile's table", args.json and args.profile),
         (f"--profile N needs N >= 1, got {args.profile}", args.profile < 0),
+        (f"--threads N needs N >= 1, got {args.threads}", args.threads is not None and args.threads < 1),
+        (f"--device {args.device}: torch sees no CUDA device here (the figures would be the CPU's)",
+         args.device.startswith("cuda") and not th.cuda.is_available()),
     )
     problems = [problem for problem, refused in combinations if refused]
     problems += count_problems(args.updates, args.warmup, args.acting_steps, args.learn_steps)
     if problems:
         parser.error("; ".join(problems))
     on_off = {"auto": None, "on": True, "off": False}
-    if args.threads:
+    if args.threads is not None:
         th.set_num_threads(args.threads)
     if args.profile:
         table = profile_updates(

@@ -97,7 +97,7 @@ def zoo_algos() -> dict:
 def argument_errors(args: argparse.Namespace) -> list[str]:
     """What in a benchmark command would make every run of some (algo, env) fail in the zoo, named
     before any run starts: an algorithm or env the zoo does not know, a ``--params`` item that is
-    not ``key:value``."""
+    not ``key:value``, counts below 1, seeds outside numpy's range."""
     import gymnasium as gym
 
     algos = zoo_algos()
@@ -110,6 +110,11 @@ def argument_errors(args: argparse.Namespace) -> list[str]:
             errors.append(f"unknown env {env_id!r}: {error}")
     malformed = [item for item in args.params or [] if ":" not in item]
     errors += [f"--params takes key:value items (the zoo's -params), got {item!r}" for item in malformed]
+    for name in ("jobs", "eval_episodes"):
+        if getattr(args, name) < 1:
+            errors.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if bad_seeds := [s for s in args.seeds if not 0 <= s < 2**32]:
+        errors.append(f"seeds must be in 0..{2**32 - 1} (numpy's range), got {bad_seeds}")
     if args.eval_freq <= 0 or args.eval_freq > args.n_timesteps:
         errors.append(
             f"--eval-freq {args.eval_freq} evaluates no run within --n-timesteps {args.n_timesteps}: the benchmark reads "
@@ -509,9 +514,10 @@ def plot_curves(runs: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def run_grid(todo: list[tuple[str, str, int]], args: argparse.Namespace) -> None:
+def run_grid(todo: list[tuple[str, str, int]], args: argparse.Namespace) -> list[str]:
     """Run the (algo, env, seed) runs of ``todo``, each resumed from its checkpoint when an earlier
-    attempt left one, and write the record of each as soon as it finishes."""
+    attempt left one, and write the record of each as soon as it finishes; returns the runs that failed
+    (named, with their logs)."""
     from rl_zoo3.utils import EnvironmentName
 
     keys = {run_name(*key): key for key in todo}
@@ -538,7 +544,8 @@ def run_grid(todo: list[tuple[str, str, int]], args: argparse.Namespace) -> None
                       **protocol(algo, args))  # fmt: skip
         (args.out / "runs" / f"{job.name}.json").write_text(json.dumps(record, indent=1))
 
-    run_jobs(jobs, args.jobs, status=progress_line, status_every=args.status_every, on_done=record)
+    outcomes = run_jobs(jobs, args.jobs, status=progress_line, status_every=args.status_every, on_done=record)
+    return [f"{job.name} (see {job.log})" for job in jobs if outcomes[job.name][0] != 0]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -560,6 +567,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--status-every", type=float, default=600.0, help="seconds between progress lines of running runs")
     parser.add_argument("--params", nargs="*", default=None, help="overrides of Dreamer's hyperparameters (zoo -params key:value); the baselines keep the zoo's own")
     args = parser.parse_args(argv)
+    args.algos, args.envs, args.seeds = (list(dict.fromkeys(x)) for x in (args.algos, args.envs, args.seeds))  # each once
+    failed: list[str] = []
     if args.n_timesteps is None and not args.report_only:
         parser.error("--n-timesteps is required (the budget of every run), unless --report-only")
     if not args.report_only and (errors := argument_errors(args)):
@@ -577,7 +586,7 @@ def main(argv: list[str] | None = None) -> None:
         check_protocol([key for key in grid if key not in todo], args)
         check_resumable(todo, args)
         print(f"{len(todo)} run(s) to do, {len(grid) - len(todo)} already done in {args.out}", flush=True)
-        run_grid(todo, args)
+        failed = run_grid(todo, args)
 
     runs = load_runs(args.out, args.algos, args.envs, args.seeds)
     check_distinct_log_paths(runs)
@@ -591,6 +600,8 @@ def main(argv: list[str] | None = None) -> None:
     plot_curves(runs, args.out / "curves.png")
     print(table)
     print(f"\nwrote {args.out / 'evaluations.csv'}, {args.out / 'results.md'}, {args.out / 'curves.png'}")
+    if failed:
+        raise SystemExit(f"{len(failed)} run(s) failed, not finished in the report: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

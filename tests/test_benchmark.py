@@ -39,6 +39,57 @@ def test_benchmark_writes_records_and_table(tmp_path, capsys):
     assert "0 run(s) to do, 1 already done" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    "args, problem",
+    [(["--envs", "CartPol-v1"], "unknown env 'CartPol-v1'"), (["--kwargs", '{"learning_rat": 1e-4}'], "learning_rat is not a Dreamer"),
+     (["--kwargs", "[1]"], "--kwargs takes a JSON object"), (["--jobs", "0"], "--jobs must be at least 1"),
+     (["--eval-episodes", "0"], "--eval-episodes must be at least 1"), (["--steps", "0"], "--steps must be at least 1"),
+     (["--steps", "300", "--eval-freq", "1000"], "evaluates no run within the env steps of CartPole-v1 (300)"),
+     (["--seeds", "-1"], "seeds must be in 0.."), (["--one", "CartPole-v1", "zero"], "a whole number")],
+)  # fmt: skip
+def test_benchmark_refuses_runs_that_would_fail_or_report_nothing(args, problem, tmp_path, capsys):
+    # before any run starts (each failed inside its run, or hung: --jobs 0, or crashed the table: no evaluation)
+    with pytest.raises(SystemExit):
+        main(["--envs", "CartPole-v1", "--seeds", "0", *args, "--out", str(tmp_path / "out")])
+    assert problem in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_benchmark_table_reads_runs_without_evaluations_or_threshold():
+    from sb3_dreamer.benchmark import table
+
+    record = dict(steps=100, wall_clock_s=3.0, updates_per_s=2.0, eval_timesteps=[], eval_returns=[], eval_wall_clock_s=[])
+    text = table([dict(record, env="CartPole-v1", seed=0), dict(record, env="Acrobot-v1", seed=0, eval_timesteps=[100],
+                                                                      eval_returns=[-80.4], eval_wall_clock_s=[2.0])])  # fmt: skip
+    assert "| CartPole-v1 (475) | unsolved | unsolved | unsolved | no evaluation | 0/1 |" in text
+    assert "| Acrobot-v1 (no threshold) | - | - | - | -80 | - |" in text
+
+
+def test_benchmark_exits_with_an_error_naming_a_failed_run_and_runs_each_seed_once(tmp_path, capsys, monkeypatch):
+    import sb3_dreamer.benchmark as benchmark
+
+    def fake_run_jobs(jobs, parallel, **kwargs):  # the first run fails, the second writes its record
+        done = {jobs[1].name: (0, 1.0)}
+        record = dict(env="CartPole-v1", seed=1, steps=200, wall_clock_s=1.0, updates_per_s=1.0, eval_timesteps=[100],
+                      eval_returns=[20.0], eval_wall_clock_s=[1.0])  # fmt: skip
+        (tmp_path / "CartPole-v1_seed1.json").write_text(json.dumps(record))
+        return {jobs[0].name: (1, 1.0), **done}
+
+    monkeypatch.setattr(benchmark, "run_jobs", fake_run_jobs)
+    with pytest.raises(SystemExit, match=r"1 run\(s\) failed, not in the table: CartPole-v1 seed 0 \(see "):
+        main(["--envs", "CartPole-v1", "CartPole-v1", "--seeds", "0", "1", "0", "--steps", "200", "--eval-freq", "100",
+              "--out", str(tmp_path)])  # fmt: skip
+    assert "2 run(s) to do" in capsys.readouterr().out
+    assert "| CartPole-v1 (475) | unsolved | unsolved | unsolved | 20 | 0/1 |" in (tmp_path / "results.md").read_text()
+
+
+def test_launcher_refuses_to_run_no_job_at_a_time():
+    from sb3_dreamer.launcher import Job, run_jobs
+
+    with pytest.raises(ValueError, match="parallel must be at least 1"):
+        run_jobs([Job("a", [sys.executable, "-c", "pass"], None)], 0)  # type: ignore[arg-type]
+
+
 def test_evaluation_printer_shows_each_new_evaluation_once(tmp_path, capsys):
     from sb3_dreamer.benchmark import EvaluationPrinter
     from sb3_dreamer.launcher import Job
@@ -90,7 +141,9 @@ def test_speed_measures_updates_acting_and_learn(capsys):
     "args, problem",
     [(["--trace", "t.json"], "--trace needs --profile"), (["--profile", "2", "--compare"], "two different runs"),
      (["--profile", "2", "--json"], "not --profile's table"), (["--updates", "0"], "--updates needs at least 1"),
-     (["--acting-steps", "10"], "--acting-steps needs more than 10"), (["--learn-steps", "-1"], "--learn-steps needs")],
+     (["--acting-steps", "10"], "--acting-steps needs more than 10"), (["--learn-steps", "-1"], "--learn-steps needs"),
+     (["--threads", "0"], "--threads N needs N >= 1")]
+    + ([(["--device", "cuda"], "torch sees no CUDA device")] if not th.cuda.is_available() else []),
 )  # fmt: skip
 def test_speed_refuses_arguments_that_would_measure_nothing_or_be_ignored(args, problem, capsys):
     from sb3_dreamer.speed import main as speed_main
@@ -98,6 +151,13 @@ def test_speed_refuses_arguments_that_would_measure_nothing_or_be_ignored(args, 
     with pytest.raises(SystemExit):
         speed_main(args)
     assert problem in capsys.readouterr().err
+
+
+def test_speed_times_the_policy_of_the_envs_observations():
+    from sb3_dreamer.speed import policy_for_env
+
+    assert [policy_for_env(e) for e in ("CartPole-v1", "CartPolePixels-v1", "CartPoleDict-v1")] == [
+        "MlpLatentPolicy", "CnnLatentPolicy", "MultiInputLatentPolicy"]  # fmt: skip
 
 
 def test_speed_compare_times_every_path_against_the_first():

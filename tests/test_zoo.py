@@ -218,6 +218,33 @@ def test_benchmark_refuses_unknown_algos_envs_and_params_before_any_run(tmp_path
     assert "--params takes key:value items (the zoo's -params), got 'foo'" in err and "train_ratio" not in err
     assert "--eval-freq 1000 evaluates no run within --n-timesteps 100" in err
     assert not (tmp_path / "runs").exists()  # nothing started
+    with pytest.raises(SystemExit):  # --jobs 0 hung (no run ever started), a negative seed failed in every run
+        main(["--algos", "ppo", "--envs", "CartPole-v1", "--seeds", "-1", "--n-timesteps", "100", "--eval-freq", "50",
+              "--jobs", "0", "--eval-episodes", "0", "--out", str(tmp_path)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert "--jobs must be at least 1, got 0" in err and "--eval-episodes must be at least 1, got 0" in err
+    assert "seeds must be in 0..4294967295 (numpy's range), got [-1]" in err and not (tmp_path / "runs").exists()
+
+
+def test_benchmark_exits_with_an_error_naming_failed_runs_and_runs_each_once(tmp_path, capsys, monkeypatch):
+    import sb3_dreamer.zoo_benchmark as zoo_benchmark
+
+    def fail_every_run(jobs, parallel, **kwargs):
+        return {job.name: (1, 1.0) for job in jobs}
+
+    monkeypatch.setattr(zoo_benchmark, "run_jobs", fail_every_run)
+    with pytest.raises(SystemExit, match="No evaluations yet"):  # nothing to report: an error as before
+        zoo_benchmark.main(["--algos", "ppo", "ppo", "--envs", "CartPole-v1", "--seeds", "0", "0", "--n-timesteps", "100",
+                            "--eval-freq", "50", "--out", str(tmp_path)])  # fmt: skip
+    assert "1 run(s) to do" in capsys.readouterr().out
+    monkeypatch.setattr(zoo_benchmark, "load_runs", lambda *args: [dict(algo="ppo", env="CartPole-v1", seed=0)])
+    for name in ("check_distinct_log_paths", "write_csv", "plot_curves"):
+        monkeypatch.setattr(zoo_benchmark, name, lambda *args: None)
+    monkeypatch.setattr(zoo_benchmark, "results_table", lambda runs: "| table |")
+    with pytest.raises(SystemExit, match=r"1 run\(s\) failed, not finished in the report: ppo_CartPole-v1_seed0 \(see "):
+        zoo_benchmark.main(["--algos", "ppo", "--envs", "CartPole-v1", "--seeds", "0", "--n-timesteps", "100",
+                            "--eval-freq", "50", "--out", str(tmp_path)])  # fmt: skip
+    assert (tmp_path / "results.md").read_text() == "| table |\n"  # the report of the runs there is, still written
 
 
 def test_benchmark_refuses_runs_that_share_a_log_folder():
