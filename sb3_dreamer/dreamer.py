@@ -279,7 +279,7 @@ class Dreamer(BaseAlgorithm):
         self._check_speed_options(policy_kwargs or {})
         self.replay_buffer_kwargs = replay_buffer_kwargs or {}
         self._update_credit = 0.0  # gradient updates owed to the env steps collected so far
-        self._n_updates_at_start = 0  # _n_updates when the current learn() began
+        self._replayed_steps = 0  # sequence steps replayed by the updates of the current learn() (train/replay_ratio)
         self._credited_env_steps = 0  # env steps of the current learn() that earned updates (train/replay_ratio)
         self._replay_normalizer_fit: tuple[VecNormalize, bool] | None = None  # see _replay_normalizer
         self._last_latent: LatentState | None = None
@@ -535,7 +535,7 @@ class Dreamer(BaseAlgorithm):
         if reset_num_timesteps or self._last_obs is None:
             # The env is about to be reset: the episode in progress in each column ends here.
             self.replay_buffer.truncate_last_trajectories()
-        self._n_updates_at_start = self._n_updates  # the realised replay ratio is that of this learn() call
+        self._replayed_steps = 0  # the realised replay ratio is that of this learn() call
         self._credited_env_steps = 0
         return super()._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
 
@@ -685,34 +685,36 @@ class Dreamer(BaseAlgorithm):
         self._last_rewards = np.where(dones, 0.0, rewards).astype(np.float32)
 
     # ------------------------------------------------------------------------------------ train
-    def train(self, gradient_steps: int) -> None:
-        """Run ``gradient_steps`` updates, each on a fresh replayed batch."""
+    def train(self, gradient_steps: int, batch_size: int | None = None) -> None:
+        """Run ``gradient_steps`` updates, each on a fresh replayed batch of ``batch_size`` sequences
+        (default: the model's ``batch_size``; as SAC's ``train``, e.g. for extra updates on a loaded
+        replay buffer). Another batch size runs eagerly where updates are captured in a CUDA graph
+        (the graph holds one batch shape)."""
+        batch_size = self.batch_size if batch_size is None else batch_size
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
         totals: dict[str, th.Tensor] = {}  # each metric summed over the updates, on the device
         for _ in range(gradient_steps):
-            metrics = self.train_step(self.replay_buffer.sample(self.batch_size, self.sequence_length, env=self._replay_normalizer))
+            metrics = self.train_step(self.replay_buffer.sample(batch_size, self.sequence_length, env=self._replay_normalizer))
             if not totals:  # cloned: a CUDA graph's outputs are its static tensors, which the next replay overwrites
                 totals = {key: value.clone() for key, value in metrics.items()}
             else:
                 totals = {key: totals[key] + value for key, value in metrics.items()}
         self._n_updates += gradient_steps
+        self._replayed_steps += gradient_steps * batch_size * self.sequence_length
         # The mean over this call's updates, as SAC logs its losses; one host sync.
         values = dict(zip(totals, (th.stack(list(totals.values())) / gradient_steps).tolist()))
         for key, value in values.items():
             self.logger.record(f"train/{key}", value)
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
-        # Over this learn() call (a continued or reloaded model's num_timesteps may restart at 0, its
-        # _n_updates does not): replayed steps per env step that earned updates (from the first at
-        # which a batch could be sampled), so train_ratio up to the fraction of an update still owed.
-        updates = self._n_updates - self._n_updates_at_start
-        self.logger.record(
-            "train/replay_ratio", updates * self.batch_size * self.sequence_length / max(self._credited_env_steps, 1)
-        )
+        # Over this learn() call (a continued or reloaded model's num_timesteps may restart at 0): replayed
+        # steps per env step that earned updates (from the first at which a batch could be sampled), so
+        # train_ratio up to the fraction of an update still owed.
+        self.logger.record("train/replay_ratio", self._replayed_steps / max(self._credited_env_steps, 1))
 
     def train_step(self, data: SequenceSamples) -> dict[str, th.Tensor]:
         """One gradient update (eager, or replayed from a CUDA graph): returns detached 0-d metrics."""
-        if self.uses_cuda_graph:
+        if self.uses_cuda_graph and data.rewards.shape[0] == self.batch_size:
             if self._captured_update is None:
                 self._captured_update = CapturedUpdate(self._update, self.policy, self.policy.optimizer)
             metrics, deter, stoch = self._captured_update(data)

@@ -183,6 +183,22 @@ def test_logged_replay_ratio_is_that_of_the_learn_call():
     assert logged == [pytest.approx(16.0), pytest.approx(16.0)]  # updates x B x T / the 41 env steps that earned them
 
 
+def test_train_takes_sacs_batch_size(monkeypatch):
+    """SAC's train(gradient_steps, batch_size): extra updates on other batches (e.g. a loaded replay), counted
+    in train/replay_ratio as the steps they replayed."""
+    model = make_model("CartPole-v1", learning_starts=20, train_ratio=16, seed=0)
+    model.learn(40, log_interval=None)
+    sampled = []
+    sample = model.replay_buffer.sample
+    monkeypatch.setattr(model.replay_buffer, "sample", lambda n, *args, **kwargs: (sampled.append(n), sample(n, *args, **kwargs))[1])
+    updates, credited = model._n_updates, model._credited_env_steps
+    model.train(gradient_steps=2, batch_size=5)
+    model.train(gradient_steps=1)
+    assert sampled == [5, 5, model.batch_size] and model._n_updates == updates + 3
+    replayed = updates * model.batch_size * model.sequence_length + (2 * 5 + model.batch_size) * model.sequence_length
+    assert model.logger.name_to_value["train/replay_ratio"] == pytest.approx(replayed / credited)
+
+
 @pytest.mark.parametrize("n_envs, learning_starts", [(4, 0), (3, 12)])
 def test_logged_replay_ratio_is_train_ratio(n_envs, learning_starts):
     """Counted over the env steps that earned updates: not those before a batch could be sampled (sequence_length
