@@ -63,6 +63,10 @@ def dream(
     for key, space in subspaces.items():
         x = th.as_tensor(np.asarray(per_key(observations)[key]), device=policy.device)
         obs[key] = x.unsqueeze(0) if x.dim() == len(space.shape) + 1 else x
+        if obs[key].dim() != len(space.shape) + 2 or tuple(obs[key].shape[2:]) != space.shape:
+            name = f"observations[{key!r}]" if isinstance(policy.observation_space, spaces.Dict) else "observations"
+            raise ValueError(f"{name} must have shape [B, T, *{space.shape}] or [T, *{space.shape}] (images channel-first, "
+                             f"as stored in replay), got {tuple(x.shape)}")  # fmt: skip
     act = th.as_tensor(np.asarray(actions), dtype=th.float32, device=policy.device)
     act = act.unsqueeze(0) if act.dim() == 2 else act
     batch, steps = next(iter(obs.values())).shape[:2]

@@ -50,6 +50,8 @@ def test_dream_checks_its_inputs():
         model.policy.dream(obs, actions, context=12)
     with pytest.raises(ValueError, match="actions"):
         model.policy.dream(obs, actions[:, :5], context=2)
+    with pytest.raises(ValueError, match=r"observations must have shape \[B, T, \*\(4,\)\] or \[T, \*\(4,\)\] .*got \(1, 12, 3\)"):
+        model.policy.dream(obs[..., :3], actions, context=2)  # a matmul shape error deep inside before
 
 
 def test_plot_dream_writes_a_png_of_the_expected_size(tmp_path):
