@@ -21,8 +21,9 @@ def replaced_when_complete(
     (SIGTERM, SIGKILL: no ``finally`` runs) leaves its temporary file behind, named with this machine and
     the process id; the next save to the same target deletes those whose process no longer runs here.
 
-    As SB3's ``open_path``: a path without a suffix gets ``.<suffix>`` (none if ``suffix`` is ""), missing folders are created;
-    a file object, or a path that is a folder (SB3 then writes to ``<path>_2``), is passed on unchanged.
+    As SB3's ``open_path``: a path without a suffix gets ``.<suffix>`` (none if ``suffix`` is ""), missing
+    folders are created; a file object, or a path that is a folder (SB3 then writes to ``<path>_2``), is
+    passed on unchanged.
     """
     if isinstance(path, io.IOBase) or not isinstance(path, (str, os.PathLike)):
         yield path
