@@ -468,7 +468,8 @@ class DreamerPolicy(CompiledMethods, BasePolicy):
         """Actor loss by backpropagation through the dynamics (continuous actions): imagine from
         deter [N, D], stoch [N, S*K] with reparameterised actions and maximise
         ``weight * (R / scale + entropy_coef * H)``, the lambda-returns R differentiated through the
-        dynamics, reward and continue heads and the critic (their parameters frozen). The part after
+        dynamics, the reward head and the critic (their parameters frozen; the continue head's
+        probabilities discount R as constants). The part after
         the imagination loop is :meth:`dynamics_objective`."""
         with frozen(self.world_model, self.critic):
             traj = self.imagine(deter, stoch, horizon, backprop=True)
@@ -481,13 +482,18 @@ class DreamerPolicy(CompiledMethods, BasePolicy):
         called with the world model and critic frozen; ``value_logits`` is left None for the
         caller). No time loop, so one region for ``torch.compile`` (:meth:`compile_losses`)."""
         wm, critic = self.world_model, self.critic
-        reward, cont = wm.reward(traj.feat), wm.cont(traj.feat)
+        # The continue probabilities discount the returns as constants (DreamerV3 2023 took the continue
+        # head's mode, which has no gradient): through them the actor would also learn to keep episodes
+        # from ending wherever the values bootstrapped past an imagined end are positive, and those are
+        # never trained (the critic's weight there is cumprod(cont) ~ 0). On a tiny task that pays at its
+        # end, that path pointed against the reward's and cancelled most of the gradient towards the goal.
+        reward, cont = wm.reward(traj.feat), wm.cont(traj.feat).detach()
         returns = self.lambda_return(reward, cont, critic.value(critic(traj.feat)), lam)  # [N, H]
-        weight = th.cumprod(cont.detach(), 1)[:, :-1]
+        weight = th.cumprod(cont, 1)[:, :-1]
         scale = update_return_percentiles(returns, self.return_low, self.return_high)
         policy_loss = -(weight * (returns / scale + entropy_coef * traj.entropy[:, :-1])).mean()
         return ActorLosses(
-            policy_loss, traj.feat.detach(), None, returns.detach(), weight, scale, reward.detach(), cont.detach(),  # type: ignore[arg-type]
+            policy_loss, traj.feat.detach(), None, returns.detach(), weight, scale, reward.detach(), cont,  # type: ignore[arg-type]
             traj.entropy.detach(),
         )  # fmt: skip
 

@@ -248,6 +248,20 @@ def test_dynamics_objective_against_hand_computed_values():
     th.testing.assert_close(reward.grad, expected_grad)
 
 
+def test_dynamics_objective_takes_no_gradient_through_the_continue_head():
+    """The continue probabilities discount the returns as constants: a gradient through them pushed the actor
+    away from episode ends wherever the (untrained) values past an imagined end were positive."""
+    policy = patched_policy(spaces.Box(-1.0, 1.0, shape=(2,)))
+    cont = CONT.clone().requires_grad_()
+    reward = REWARD.clone().requires_grad_()
+    policy.world_model.cont, policy.world_model.reward = (lambda feat: cont), (lambda feat: reward)
+    traj = Trajectory(th.randn(2, 3, policy.world_model.rssm.feat_dim), th.zeros(2, 3, 2), th.zeros(2, 3), th.zeros(2, 3))
+    out = policy.dynamics_objective(traj, LAM, 0.01)
+    out.policy_loss.backward()
+    assert cont.grad is None and reward.grad is not None
+    th.testing.assert_close(out.returns, RETURNS)  # the same returns as before
+
+
 # ------------------------------------------------------------------------------------ critic
 def test_critic_value_loss_against_hand_computed_values():
     """Imagined critic loss: ``cumprod(cont) * (CE(logits, twohot(R)) + CE(logits, twohot(slow value)))``,
