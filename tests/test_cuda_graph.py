@@ -50,9 +50,20 @@ def _flat_params(model: Dreamer, part: str | None = None) -> th.Tensor:
 
 def _assert_same_updates(optimised: Dreamer, eager: Dreamer, batches: list, start: th.Tensor) -> None:
     """Train both on the same batches and seeds: the same losses (within 2%) and parameter moves
-    in the same direction (cosine > 0.95, for the whole policy and for its world model, actor and
-    critic each)."""
-    starts = {part: (_flat_params(optimised, part), _flat_params(eager, part)) for part in ("world_model", "actor", "critic")}
+    in the same direction (cosine > 0.95 for its world model, actor and critic each after the first
+    update, and for the world model and critic after the last)."""
+    parts = ("world_model", "actor", "critic")
+    starts = {part: (_flat_params(optimised, part), _flat_params(eager, part)) for part in parts}
+
+    def assert_moved_alike(checked: tuple[str, ...]) -> None:
+        # Each part on its own: the actor holds ~2% of the parameters, so a cosine over all of them stayed
+        # above 0.95 with the actor's update reversed.
+        for part in checked:
+            optimised_start, eager_start = starts[part]
+            moved_optimised, moved_eager = _flat_params(optimised, part) - optimised_start, _flat_params(eager, part) - eager_start
+            assert moved_eager.abs().max() > 1e-4, part
+            assert th.nn.functional.cosine_similarity(moved_optimised, moved_eager, dim=0) > 0.95, part
+
     for i, batch in enumerate(batches):
         th.manual_seed(100 + i)
         got = {k: v.item() for k, v in optimised.train_step(batch).items()}
@@ -63,12 +74,14 @@ def _assert_same_updates(optimised: Dreamer, eager: Dreamer, batches: list, star
         # The actor's terms are ~1e-5 to 1e-3 this early (a CPU run: equal to 1e-6 relative).
         for key in ("actor_loss", "imagined_return", "actor_entropy", "return_scale"):
             assert got[key] == pytest.approx(want[key], rel=2e-2, abs=1e-5), (i, key)
-    # Each part on its own: the actor holds ~2% of the parameters, so a cosine over all of them stayed
-    # above 0.95 with the actor's update reversed. On a CPU: 0.98 (Pendulum-v1's actor) to 1.0.
-    for part, (optimised_start, eager_start) in starts.items():
-        moved_optimised, moved_eager = _flat_params(optimised, part) - optimised_start, _flat_params(eager, part) - eager_start
-        assert moved_eager.abs().max() > 1e-4, part
-        assert th.nn.functional.cosine_similarity(moved_optimised, moved_eager, dim=0) > 0.95, part
+        if i == 0:  # from the same parameters: every part (on a CPU the actor's cosine is 1.0 there)
+            assert_moved_alike(parts)
+    # Over all the updates, the world model and critic. Not the actor: this early its update is chaotic (its
+    # gradient is tiny, and the optimiser scales it up), so the paths' rounding differences after the first
+    # update reach its direction: two eager models, one with its parameters scaled by 1 + 1e-6 noise after
+    # the first update, moved their Pendulum-v1 actors with a cosine of 0.90 after the second and 0.82 after
+    # the third (compiled against eager: 0.94 and 0.93).
+    assert_moved_alike(("world_model", "critic"))
     # The return percentiles' EMA, updated in place inside the update (a buffer mutation to keep,
     # once per update). Early returns are ~1e-5, where sample flips move a percentile by ~10%.
     for name in ("return_low", "return_high"):
