@@ -195,6 +195,11 @@ def refuse_other_settings(args: argparse.Namespace) -> None:
         )
 
 
+def counts_below_one(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
+    """An error for each of the options ``names`` (attribute names of ``args``) below 1 (both benchmarks)."""
+    return [f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}" for name in names if getattr(args, name) < 1]
+
+
 def argument_errors(args: argparse.Namespace) -> list[str]:
     """What in a benchmark command would make its runs fail, or report nothing, named before any run
     starts: an env gymnasium does not know, ``--kwargs`` that are not Dreamer keyword arguments, counts
@@ -217,9 +222,7 @@ def argument_errors(args: argparse.Namespace) -> list[str]:
         if unknown:
             errors.append(f"--kwargs {', '.join(unknown)} {'is not a' if len(unknown) == 1 else 'are not'} Dreamer "
                           f"keyword argument{'s' * (len(unknown) > 1)}; it takes {', '.join(sorted(accepted))}")  # fmt: skip
-    for name in ("jobs", "eval_freq", "eval_episodes"):
-        if getattr(args, name) < 1:
-            errors.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    errors += counts_below_one(args, ("jobs", "eval_freq", "eval_episodes"))
     if args.steps is not None and args.steps < 1:
         errors.append(f"--steps must be at least 1 (leave it out for each env's budget), got {args.steps}")
     elif args.eval_freq >= 1:

@@ -35,8 +35,9 @@ def replaced_when_complete(
         yield pathlib.Path(path)
         return
     final.parent.mkdir(parents=True, exist_ok=True)
-    delete_stale_partials(final)
-    partial = final.with_name(f"{partial_prefix(final)}{os.getpid()}.partial")  # a suffix, so SB3 adds none
+    prefix = partial_prefix(final)
+    delete_stale_partials(final.parent, prefix)
+    partial = final.with_name(f"{prefix}{os.getpid()}.partial")  # a suffix, so SB3 adds none
     try:
         yield partial
         with open(partial, "rb+") as written:
@@ -53,11 +54,11 @@ def partial_prefix(final: pathlib.Path) -> str:
     return f".{final.name.encode()[:180].decode(errors='ignore')}.{host}-"
 
 
-def delete_stale_partials(final: pathlib.Path) -> None:
-    """Delete the temporary files that saves to ``final`` killed on this machine left behind (their
-    process no longer runs); another machine's, on a shared disk, are left alone."""
-    prefix = partial_prefix(final)
-    for stale in final.parent.glob(f"{glob.escape(prefix)}*.partial"):
+def delete_stale_partials(folder: pathlib.Path, prefix: str) -> None:
+    """Delete the temporary files in ``folder`` named ``<prefix><pid>.partial`` (:func:`partial_prefix`)
+    that saves killed on this machine left behind (their process no longer runs); another machine's, on a
+    shared disk, are left alone."""
+    for stale in folder.glob(f"{glob.escape(prefix)}*.partial"):
         pid = stale.name[len(prefix) : -len(".partial")]
         if pid.isdigit() and not process_runs(int(pid)):
             stale.unlink(missing_ok=True)

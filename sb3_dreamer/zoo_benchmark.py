@@ -110,9 +110,7 @@ def argument_errors(args: argparse.Namespace) -> list[str]:
             errors.append(f"unknown env {env_id!r}: {error}")
     malformed = [item for item in args.params or [] if ":" not in item]
     errors += [f"--params takes key:value items (the zoo's -params), got {item!r}" for item in malformed]
-    for name in ("jobs", "eval_episodes"):
-        if getattr(args, name) < 1:
-            errors.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    errors += benchmark.counts_below_one(args, ("jobs", "eval_episodes"))
     if bad_seeds := [s for s in args.seeds if not 0 <= s < 2**32]:
         errors.append(f"seeds must be in 0..{2**32 - 1} (numpy's range), got {bad_seeds}")
     if args.eval_freq <= 0 or args.eval_freq > args.n_timesteps:
