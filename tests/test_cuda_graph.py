@@ -8,6 +8,7 @@ vs float32 on CPU, 5% on the world-model losses and 10% on the KL (what bfloat16
 costs).
 """
 
+import math
 import shutil
 
 import pytest
@@ -138,6 +139,23 @@ def test_cuda_graph_learns_and_saves(tmp_path):
     model.save(tmp_path / "graphed")
     loaded = Dreamer.load(tmp_path / "graphed", env=model.get_env(), device="cuda")
     loaded.learn(50, reset_num_timesteps=False)
+
+
+@cuda
+def test_other_batch_size_runs_eagerly_between_graph_replays():
+    """train(batch_size=...) with another batch size runs eagerly on the parameters and optimiser state
+    the captured graph updates in place, and the graph's replays after it go on from there."""
+    model = _model("cuda")
+    model.train(1)  # captures the graph at the model's batch size
+    assert model._captured_update is not None
+    graph = model._captured_update.graph
+    for batch_size, gradient_steps in ((model.batch_size + 2, 2), (model.batch_size, 2)):
+        before = _flat_params(model).clone()
+        model.train(gradient_steps, batch_size=batch_size)
+        after = _flat_params(model)
+        assert th.isfinite(after).all() and not th.equal(before, after)
+        assert math.isfinite(model.logger.name_to_value["train/model_loss"])
+    assert model._captured_update.graph is graph  # the other shape did not recapture
 
 
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="inductor needs a C++ compiler")
