@@ -55,6 +55,14 @@ if TYPE_CHECKING:
     from sb3_dreamer import Dreamer
 
 
+def device_description(device: th.device | str) -> str:
+    """The GPU's name for a CUDA device (``"auto"`` resolved as SB3 does), else ``cpu (N threads)``."""
+    from stable_baselines3.common.utils import get_device
+
+    dev = get_device(device)
+    return th.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({th.get_num_threads()} threads)"
+
+
 def _sync(device: th.device) -> None:
     if device.type == "cuda":
         th.cuda.synchronize(device)
@@ -183,7 +191,7 @@ def measure(
         "env": env_id,
         "size": size,
         "params": sum(p.numel() for p in model.policy.parameters() if p.requires_grad),
-        "device": th.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({th.get_num_threads()} threads)",
+        "device": device_description(dev),
         "torch": th.__version__,
         "precision": str(model.autocast_dtype or th.float32).replace("torch.", ""),
         "cuda_graph": model.uses_cuda_graph,
@@ -409,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
             retain_cpu_memory=on_off[args.retain_cpu_memory], policy_kwargs=dict(size=args.size),
         )  # fmt: skip
         print(f"{args.env}, {args.size}, B{args.batch_size} x T{args.sequence_length}, torch {th.__version__}, "
-              f"{args.device} ({th.get_num_threads()} threads), {args.profile} profiled updates")  # fmt: skip
+              f"{device_description(args.device)}, {args.profile} profiled updates")  # fmt: skip
         print(table)
         return
     if args.compare:
@@ -429,7 +437,7 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(results))
             return
         print(f"{args.env}, {args.size}, B{args.batch_size} x T{args.sequence_length}, torch {th.__version__}, "
-              f"{args.device} ({th.get_num_threads()} threads), {args.updates} interleaved updates per path")  # fmt: skip
+              f"{device_description(args.device)}, {args.updates} interleaved updates per path")  # fmt: skip
         reference = next(iter(results))
         for name, r in results.items():
             print(

@@ -181,8 +181,17 @@ def test_speed_compare_parallel_backward(capsys):
 
     speed_main(["--compare", "parallel", "--batch-size", "2", "--sequence-length", "8", "--imagination-starts", "0", "--updates", "2"])
     lines = capsys.readouterr().out.splitlines()
+    assert f", cpu ({th.get_num_threads()} threads), 2 interleaved updates per path" in lines[0]
     assert lines[1].startswith("one backward thread: ") and "1.000 x one backward thread" in lines[1]
     assert lines[2].startswith("parallel_backward: ") and "x one backward thread" in lines[2]
+
+
+def test_speed_describes_the_resolved_device():
+    from sb3_dreamer.speed import device_description
+
+    assert device_description("cpu") == f"cpu ({th.get_num_threads()} threads)"
+    expected = th.cuda.get_device_name() if th.cuda.is_available() else device_description("cpu")
+    assert device_description("auto") == expected  # "auto" resolved as SB3 does, not printed as "auto"
 
 
 def test_speed_profile_lists_the_operators_and_writes_a_trace(tmp_path, capsys):
