@@ -28,6 +28,7 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedul
 from stable_baselines3.common.utils import safe_mean
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize
 
+from sb3_dreamer import arguments
 from sb3_dreamer.allocator import glibc_available, retain_freed_memory, user_tuned_malloc
 from sb3_dreamer.buffers import SequenceReplayBuffer
 from sb3_dreamer.cuda_graph import CapturedUpdate
@@ -53,6 +54,22 @@ SelfDreamer = TypeVar("SelfDreamer", bound="Dreamer")
 EAGER_CPU_UPDATES_WARNING = 2_000
 # Constructor options that choose how updates run, checked by Dreamer._check_speed_options.
 SPEED_OPTIONS = frozenset({"cuda_graph", "precision", "compile_steps", "compile_losses", "parallel_backward", "retain_cpu_memory"})
+# The ranges of Dreamer's constructor arguments, checked at construction and for those passed to ``load``.
+ARGUMENT_RULES: dict[str, arguments.Rule] = {
+    "buffer_size": arguments.integer_at_least(1),
+    "learning_starts": arguments.number_at_least(0),  # compared with env steps only: 1e3 works
+    "batch_size": arguments.integer_at_least(1),
+    "sequence_length": arguments.integer_at_least(2),
+    "train_ratio": arguments.number_at_least(0),
+    "imagination_horizon": arguments.integer_at_least(1),
+    "imagination_starts": arguments.or_none(arguments.integer_at_least(1)),  # None: all posterior states
+    "gamma": arguments.number_within(0, 1),
+    "return_lambda": arguments.number_within(0, 1),
+    "actor_gradient": arguments.one_of("auto", "reinforce", "dynamics"),
+    "entropy_coef": arguments.number_at_least(0),
+    "critic_ema_rate": arguments.number_within(0, 1, low_open=True),
+    "replay_value_scale": arguments.number_at_least(0),
+}
 
 
 def available_cores() -> int:
@@ -75,6 +92,41 @@ def check_spaces(
     """
     check_action_space(action_space)
     check_observation_space(policy_class, observation_space, normalize_images)
+
+
+def check_policy_class(policy_class: Any) -> None:
+    """Raise ValueError unless ``policy_class`` is one of Dreamer's policies (a :class:`DreamerPolicy` subclass)."""
+    if not (isinstance(policy_class, type) and issubclass(policy_class, DreamerPolicy)):
+        raise ValueError(
+            f"Dreamer needs one of its own policies (MlpLatentPolicy, CnnLatentPolicy, MultiInputLatentPolicy or another "
+            f"DreamerPolicy subclass), got {policy_class!r}: a model saved by another algorithm loads with that "
+            "algorithm's class (e.g. SAC.load)"
+        )
+
+
+def check_finite_step(new_obs: np.ndarray | dict[str, np.ndarray], rewards: np.ndarray, dones: np.ndarray, infos: list[dict], step: int) -> None:
+    """Raise ValueError where an env step gave a NaN or infinite reward or observation (also a final
+    observation): stored in replay, it would turn every later loss, parameter and action into NaN."""
+
+    def bad_envs(obs: np.ndarray | dict[str, np.ndarray]) -> np.ndarray:  # [N] bool
+        arrays = obs.values() if isinstance(obs, dict) else [obs]
+        bad = np.zeros(len(rewards), dtype=bool)
+        for array in arrays:
+            if array.dtype.kind == "f":  # integer observations (images) are finite
+                bad |= ~np.isfinite(array.reshape(len(rewards), -1)).all(1)
+        return bad
+
+    problems = [f"reward {rewards[i]} in env {i}" for i in np.flatnonzero(~np.isfinite(rewards))]
+    problems += [f"an observation with NaN or inf in env {i}" for i in np.flatnonzero(bad_envs(new_obs))]
+    for i in np.flatnonzero(dones):
+        final = infos[i].get("terminal_observation")
+        if final is not None and bad_envs({k: v[None] for k, v in final.items()} if isinstance(final, dict) else final[None])[0]:
+            problems.append(f"a final observation with NaN or inf in env {i}")
+    if problems:
+        raise ValueError(
+            f"The env gave {', '.join(problems)} at env step {step}: Dreamer would store it in replay and learn NaN "
+            "from it. Fix the env (SB3's VecCheckNan(env, raise_exception=True) finds where it comes from)"
+        )
 
 
 def check_final_observations(dones: np.ndarray, infos: list[dict]) -> None:
@@ -215,30 +267,23 @@ class Dreamer(BaseAlgorithm):
         device: th.device | str = "auto",
         _init_setup_model: bool = True,
     ) -> None:
+        policy_class = self._get_policy_from_name(policy) if isinstance(policy, str) else policy
+        check_policy_class(policy_class)  # (load() builds with the saved policy class)
         if env is not None:
             env = maybe_make_env(env, verbose)
         if env is not None and _init_setup_model:
             # (load() rebuilds without policy_kwargs: there SB3 checks the env against the saved spaces.)
-            policy_class = self._get_policy_from_name(policy) if isinstance(policy, str) else policy
             normalize_images = (policy_kwargs or {}).get("normalize_images", True)
             check_spaces(env.observation_space, env.action_space, policy_class, normalize_images)
-        if batch_size < 1 or sequence_length < 2 or imagination_horizon < 1 or train_ratio < 0:
-            raise ValueError(
-                "Dreamer needs batch_size >= 1, sequence_length >= 2, imagination_horizon >= 1 and train_ratio >= 0, got "
-                f"{batch_size}, {sequence_length}, {imagination_horizon}, {train_ratio}"
-            )
-        if imagination_starts is not None and imagination_starts < 1:
-            raise ValueError(f"imagination_starts must be >= 1, or None for all posterior states, got {imagination_starts}")
-        if not (0.0 <= gamma <= 1.0 and 0.0 <= return_lambda <= 1.0 and 0.0 < critic_ema_rate <= 1.0):
-            raise ValueError(
-                "Dreamer needs 0 <= gamma <= 1, 0 <= return_lambda <= 1 and 0 < critic_ema_rate <= 1, got "
-                f"{gamma}, {return_lambda}, {critic_ema_rate}"
-            )
-        if learning_starts < 0 or entropy_coef < 0 or replay_value_scale < 0:
-            raise ValueError(
-                "Dreamer needs learning_starts >= 0, entropy_coef >= 0 and replay_value_scale >= 0, got "
-                f"{learning_starts}, {entropy_coef}, {replay_value_scale}"
-            )
+        given = dict(
+            buffer_size=buffer_size, learning_starts=learning_starts, batch_size=batch_size, sequence_length=sequence_length,
+            train_ratio=train_ratio, imagination_horizon=imagination_horizon, imagination_starts=imagination_starts,
+            gamma=gamma, return_lambda=return_lambda, actor_gradient=actor_gradient, entropy_coef=entropy_coef,
+            critic_ema_rate=critic_ema_rate, replay_value_scale=replay_value_scale,
+        )  # fmt: skip
+        problems = arguments.problems(given, ARGUMENT_RULES)
+        if problems:
+            raise ValueError("Dreamer: " + "; ".join(problems))
         super().__init__(
             policy,
             env,
@@ -260,8 +305,6 @@ class Dreamer(BaseAlgorithm):
         self.imagination_starts = imagination_starts
         self.gamma = gamma
         self.return_lambda = return_lambda
-        if actor_gradient not in ("auto", "reinforce", "dynamics"):
-            raise ValueError(f"actor_gradient must be 'auto', 'reinforce' or 'dynamics', got {actor_gradient!r}")
         self.actor_gradient = actor_gradient
         self.entropy_coef = entropy_coef
         self.critic_ema_rate = critic_ema_rate
@@ -446,7 +489,11 @@ class Dreamer(BaseAlgorithm):
         **kwargs: Any,
     ) -> SelfDreamer:
         """SB3's ``load``; speed options passed here (``cuda_graph=True`` on a CPU, ...) are refused as
-        the constructor refuses them, while those saved with the model adapt to the device."""
+        the constructor refuses them, while those saved with the model adapt to the device; other
+        constructor arguments passed here are checked as the constructor checks them."""
+        problems = arguments.problems(kwargs, ARGUMENT_RULES)
+        if problems:
+            raise ValueError("Dreamer.load: " + "; ".join(problems))
         model = super().load(
             path, env=env, device=device, custom_objects=custom_objects, print_system_info=print_system_info,
             force_reset=force_reset, **kwargs,
@@ -531,6 +578,11 @@ class Dreamer(BaseAlgorithm):
         tb_log_name: str = "run",
         progress_bar: bool = False,
     ) -> tuple[int, BaseCallback]:
+        if self.env is None:
+            raise ValueError(
+                "This model has no env to learn from (loaded without one?): pass env= to Dreamer.load, or call "
+                "model.set_env(env) before learn()"
+            )
         self._check_replay_columns(self.replay_buffer.capacity)
         if reset_num_timesteps or self._last_obs is None:
             # The env is about to be reset: the episode in progress in each column ends here.
@@ -611,6 +663,7 @@ class Dreamer(BaseAlgorithm):
         new_obs, rewards, dones, infos = env.step(actions)
         self.num_timesteps += n
         check_final_observations(dones, infos)
+        check_finite_step(new_obs, rewards, dones, infos, self.num_timesteps)
         stored_obs, stored_rewards, stored_infos = obs, rewards, infos
         normalizer = self._replay_normalizer
         if normalizer is not None:  # store what the env gave before normalisation, as SB3's off-policy algorithms do

@@ -17,6 +17,7 @@ from gymnasium import spaces
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 
+from sb3_dreamer import arguments
 from sb3_dreamer.buffers import action_classes, action_vector_dim, is_image
 from sb3_dreamer.compiled import CompiledMethods
 from sb3_dreamer.dreams import Dream, dream
@@ -32,6 +33,17 @@ from sb3_dreamer.type_aliases import ActorLosses, LatentState, Trajectory
 
 # The policy (alias) suited to each kind of observation space.
 POLICY_FOR_KIND = {"vector": "MlpLatentPolicy", "image": "CnnLatentPolicy", "dict": "MultiInputLatentPolicy"}
+# The ranges of the policy's size and architecture settings (policy_kwargs); image_size is checked by the encoder.
+ARCHITECTURE_RULES: dict[str, arguments.Rule] = {
+    **{name: arguments.integer_at_least(1) for name in ("deter", "hidden", "units", "depth", "stoch", "blocks")},
+    "classes": arguments.integer_at_least(2),  # a categorical of one class carries nothing
+    "unimix": arguments.number_within(0, 1, high_open=True),
+    "actor_layers": arguments.integer_at_least(0),  # 0: a linear head on the latent features
+    "critic_layers": arguments.integer_at_least(0),
+    "free_bits": arguments.number_at_least(0),
+    "dyn_scale": arguments.number_at_least(0),
+    "rep_scale": arguments.number_at_least(0),
+}
 
 
 def observation_kind(observation_space: spaces.Space, normalize_images: bool = True) -> str:
@@ -160,6 +172,13 @@ class DreamerPolicy(CompiledMethods, BasePolicy):
             normalize_images=normalize_images,
         )
         sizes = resolve_size(size, deter=deter, hidden=hidden, classes=classes, units=units, depth=depth)
+        problems = arguments.problems(
+            dict(sizes, stoch=stoch, blocks=blocks, unimix=unimix, actor_layers=actor_layers, critic_layers=critic_layers,
+                 free_bits=free_bits, dyn_scale=dyn_scale, rep_scale=rep_scale),
+            ARCHITECTURE_RULES,
+        )  # fmt: skip
+        if problems:
+            raise ValueError("policy_kwargs: " + "; ".join(problems))
         self.size, self.sizes = size, sizes
         decoder_keys = None if decoder_keys is None else list(decoder_keys)
         self.arch = dict(

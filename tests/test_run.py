@@ -290,12 +290,73 @@ def test_unsupported_spaces_raise(env, space_name):  # space_name: the space, or
     "kwargs",
     [dict(batch_size=0), dict(sequence_length=1), dict(imagination_horizon=0), dict(train_ratio=-1.0),
      dict(imagination_starts=0), dict(gamma=1.5), dict(gamma=-0.1), dict(return_lambda=1.5), dict(critic_ema_rate=0.0),
-     dict(critic_ema_rate=2.0), dict(learning_starts=-1), dict(entropy_coef=-1e-4), dict(replay_value_scale=-0.3)],
+     dict(critic_ema_rate=2.0), dict(learning_starts=-1), dict(entropy_coef=-1e-4), dict(replay_value_scale=-0.3),
+     dict(batch_size=2.5), dict(sequence_length=32.0), dict(buffer_size=1e4), dict(imagination_starts=8.5),
+     dict(entropy_coef="auto"), dict(gamma=float("nan")), dict(actor_gradient="sac"), dict(train_ratio=True)],
 )  # fmt: skip
 def test_invalid_hyperparameters_raise(kwargs):
     (name, value), = kwargs.items()
-    with pytest.raises(ValueError, match=rf"{name}\b.*got\b.*(?<![\d.]){re.escape(str(value))}(?![\d.])"):
+    with pytest.raises(ValueError, match=rf"{name}\b.*got\b.*(?<![\d.]){re.escape(repr(value))}(?![\d.])"):
         make_model("CartPole-v1", **kwargs)
+
+
+def test_every_invalid_hyperparameter_is_named_at_once():
+    with pytest.raises(ValueError, match=r"batch_size must be an integer >= 1, got 0; gamma must be a number in \[0, 1\], got 2"):
+        make_model("CartPole-v1", batch_size=0, gamma=2)
+
+
+def test_learning_starts_may_be_a_float():  # compared with env steps only, as SB3's off-policy algorithms use it
+    assert make_model("CartPole-v1", learning_starts=1e3).learning_starts == 1000
+
+
+@pytest.mark.parametrize(
+    "policy_kwargs",
+    [dict(unimix=2.0), dict(unimix=1.0), dict(classes=1), dict(stoch=0), dict(deter=0), dict(units=-1), dict(free_bits=-1.0),
+     dict(blocks=0), dict(actor_layers=-1), dict(rep_scale=float("nan")), dict(hidden=8.5)],
+)  # fmt: skip
+def test_invalid_architecture_raises(policy_kwargs):
+    (name, value), = policy_kwargs.items()
+    with pytest.raises(ValueError, match=rf"policy_kwargs: {name} must be .*got {re.escape(repr(value))}"):
+        make_model("CartPole-v1", policy_kwargs=policy_kwargs)
+
+
+def test_another_algorithms_policy_raises():
+    from stable_baselines3.sac.policies import SACPolicy
+
+    with pytest.raises(ValueError, match="Dreamer needs one of its own policies .* got .*SACPolicy"):
+        Dreamer(SACPolicy, "Pendulum-v1")
+
+
+class NonFiniteEnv(gym.Env):
+    """A 3-d Box env whose step ``bad_step`` gives a NaN reward, or an observation (or final observation) with inf."""
+
+    observation_space = spaces.Box(-1.0, 1.0, (3,), np.float32)
+    action_space = spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def __init__(self, what: str, bad_step: int = 7):
+        self.what, self.bad_step, self.t = what, bad_step, 0
+
+    def reset(self, seed=None, options=None):
+        self.t = 0
+        return np.zeros(3, np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        bad = self.t == self.bad_step
+        obs = np.zeros(3, np.float32)
+        if bad and self.what in ("observation", "final observation"):
+            obs[1] = np.inf
+        reward = float("nan") if bad and self.what == "reward" else 0.0
+        return obs, reward, bad and self.what == "final observation", False, {}
+
+
+@pytest.mark.parametrize("what", ["reward", "observation", "final observation"])
+def test_non_finite_env_data_raises_before_it_is_stored(what):
+    model = make_model(NonFiniteEnv(what), learning_starts=3)
+    with pytest.raises(ValueError, match=rf"The env gave (reward nan|an? {what} with NaN or inf) in env 0 at env step 7"):
+        model.learn(30)
+    assert model.replay_buffer.size() == 6  # the rows before it; nothing non-finite reached the model
+    assert all(th.isfinite(p).all() for p in model.policy.parameters())
 
 
 def test_unknown_size_preset_raises():

@@ -90,6 +90,27 @@ def test_load_refuses_speed_options_the_device_cannot_honour(trained):
         Dreamer.load(path, device="cpu", precision="float16")
 
 
+def test_load_checks_the_arguments_passed_as_the_constructor_does(trained):
+    _, path = trained
+    with pytest.raises(ValueError, match=r"Dreamer.load: batch_size must be an integer >= 1, got 0; gamma must be a number in \[0, 1\], got 1.5"):
+        Dreamer.load(path, batch_size=0, gamma=1.5)
+    assert Dreamer.load(path, batch_size=3).batch_size == 3
+
+
+def test_load_of_another_algorithms_model_raises(tmp_path):
+    from stable_baselines3 import SAC
+
+    SAC("MlpPolicy", "Pendulum-v1", buffer_size=100).save(tmp_path / "sac")
+    with pytest.raises(ValueError, match=r"Dreamer needs one of its own policies .*SACPolicy.*e\.g\. SAC\.load"):
+        Dreamer.load(tmp_path / "sac")
+
+
+def test_learn_without_env_names_the_fix(trained):
+    _, path = trained
+    with pytest.raises(ValueError, match=r"no env to learn from .*model.set_env\(env\)"):
+        Dreamer.load(path).learn(10)
+
+
 def test_load_checks_only_the_speed_options_passed(trained, tmp_path):
     """A speed option saved with a model adapts to the device it loads on, also when another speed
     option is passed to load: only the passed ones are checked (as the constructor checks its own)."""
