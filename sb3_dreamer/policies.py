@@ -95,8 +95,21 @@ def check_observation_space(
         takes = " or ".join(policy_class.observation_kinds)
         raise ValueError(
             f"{policy_class.__name__} takes {takes} observations, got {'an' if kind == 'image' else 'a'} {kind} space "
-            f"{observation_space}: use {POLICY_FOR_KIND[kind]}"
+            f"{observation_space}: use {POLICY_FOR_KIND[kind]}" + image_hint(observation_space, policy_class, normalize_images)
         )
+
+
+def image_hint(observation_space: spaces.Space, policy_class: type[DreamerPolicy], normalize_images: bool) -> str:
+    """For a Box that looks like an image (2-D or 3-D) given to an image policy, what makes it one; else ""."""
+    box = observation_space
+    if "image" not in policy_class.observation_kinds or not isinstance(box, spaces.Box) or len(box.shape) not in (2, 3):
+        return ""
+    if len(box.shape) == 2:
+        return f"; for images, give {box.shape} a channel axis, e.g. (1, *shape) or (*shape, 1)"
+    return (
+        "; for images, an image policy takes uint8 Boxes with bounds [0, 255] (channel-last or channel-first), or, "
+        "with policy_kwargs=dict(normalize_images=False), any channel-first 3-D Box (the env scales it)"
+    )
 
 
 class DreamerPolicy(CompiledMethods, BasePolicy):

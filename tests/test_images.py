@@ -256,6 +256,8 @@ VECTOR = spaces.Box(-1, 1, (3,), dtype=np.float32)
         ("MultiInputPolicy", spaces.Dict(img=IMAGE, inner=spaces.Dict(vec=VECTOR)), "Dict"),
         ("MultiInputPolicy", spaces.Dict(img=IMAGE, t=spaces.Tuple([spaces.Discrete(3)])), "Tuple"),
         ("CnnPolicy", spaces.Discrete(3), "use MlpLatentPolicy"),
+        ("CnnPolicy", spaces.Box(0.0, 1.0, (16, 16, 3), np.float32), r"uint8 Boxes with bounds \[0, 255\].*normalize_images=False"),
+        ("CnnPolicy", spaces.Box(0, 255, (16, 16), np.uint8), r"give \(16, 16\) a channel axis"),
     ],
 )
 def test_unsupported_observation_spaces_raise(policy, space, match):
