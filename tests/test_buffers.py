@@ -445,15 +445,19 @@ def test_replay_context_starts_windows_from_the_stored_latent_of_the_row_before(
 
 
 def test_replay_context_update_latents_writes_back():
+    """Step t of a sampled window gets the posterior latent of step t, in that window's row t; no other row changes."""
     np.random.seed(0)
     buffer = SequenceReplayBuffer(10, OBS_SPACE, ACTION_SPACE, device="cpu", latent_dims=(2, 3))
-    add_rows(buffer, range(6))
-    samples = buffer.sample(batch_size=2, sequence_length=3)
-    buffer.update_latents(samples.indices, th.full((2, 3, 2), 7.0), th.full((2, 3, 3), 8.0))
-    rows, cols = samples.indices
-    assert (buffer.deter[rows, cols] == 7.0).all() and (buffer.stoch[rows, cols] == 8.0).all()
-    untouched = np.setdiff1d(np.arange(6), rows)
-    assert (buffer.deter[untouched, 0] == 0.0).all()
+    add_rows(buffer, range(8))
+    samples = buffer.sample(batch_size=1, sequence_length=3)
+    deter = th.arange(1.0, 4.0)[None, :, None].expand(1, 3, 2)  # step t -> t + 1
+    stoch = -th.arange(1.0, 4.0)[None, :, None].expand(1, 3, 3)
+    buffer.update_latents(samples.indices, deter, stoch)
+    rows, cols = samples.indices  # [1, 3] each
+    np.testing.assert_array_equal(buffer.deter[rows[0], cols[0]], [[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])
+    np.testing.assert_array_equal(buffer.stoch[rows[0], cols[0]], -np.array([[1.0] * 3, [2.0] * 3, [3.0] * 3]))
+    untouched = np.setdiff1d(np.arange(8), rows[0])
+    assert len(untouched) == 5 and (buffer.deter[untouched] == 0.0).all() and (buffer.stoch[untouched] == 0.0).all()
 
 
 def test_dreamer_with_replay_context_stores_and_uses_latents():

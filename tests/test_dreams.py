@@ -38,7 +38,14 @@ def test_dream_shapes_and_open_loop():
     a = model.policy.dream(obs, actions, 4).observations
     th.manual_seed(0)
     b = model.policy.dream(obs, changed_actions, 4).observations
+    # Step t is predicted from the action taken at t - 1: the change at 5 first shows at step 6 (dream index 2).
+    np.testing.assert_array_equal(a[:, :2], b[:, :2])
     assert not np.allclose(a[:, 2:], b[:, 2:])
+    # The context observations are read: changing them changes the dream.
+    changed_context = obs.copy()
+    changed_context[:, :4] += 1.0
+    th.manual_seed(0)
+    assert not np.allclose(model.policy.dream(changed_context, actions, 4).observations, a)
     # 2-D input is one sequence.
     assert model.policy.dream(obs[0], actions[0], 4).observations.shape == (1, 8, 4)
 

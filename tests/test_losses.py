@@ -13,6 +13,7 @@ import math
 
 import torch as th
 from gymnasium import spaces
+from stable_baselines3.common.vec_env import DummyVecEnv
 from torch import nn
 
 from sb3_dreamer.policies import DreamerPolicy
@@ -128,8 +129,11 @@ def spy(obj, name: str, calls: list):
 
 def test_train_passes_is_terminal_not_is_last_to_the_world_model():
     """A truncated episode (TimeLimit) ends with is_last but not is_terminal: the world model's
-    continue target must see is_terminal (all 0 here), and the replay value loss both columns."""
-    model = collected_model()
+    continue target must see is_terminal, and the replay value loss both columns. One env
+    terminates every 2 steps, the other is truncated every 3, so the batch holds both kinds of end."""
+    env = DummyVecEnv([lambda: counting_env(terminate_at=2), lambda: counting_env(max_episode_steps=3)])
+    model = make_model(env, learning_starts=1_000, seed=0, batch_size=8)
+    model.learn(40)
     samples, wm_calls, replay_calls = [], [], []
     sample = model.replay_buffer.sample
 
@@ -142,7 +146,8 @@ def test_train_passes_is_terminal_not_is_last_to_the_world_model():
     spy(model.policy, "replay_value_loss", replay_calls)
     model.train(1)
     data = samples[-1]
-    assert data.is_last.sum() > 0 and data.is_terminal.sum() == 0  # the batch has truncations only
+    truncated = data.is_last.bool() & ~data.is_terminal.bool()
+    assert data.is_terminal.sum() > 0 and truncated.sum() > 0  # both kinds of episode end
     ((args, kwargs),) = wm_calls
     is_terminal = kwargs.get("is_terminal", args[4] if len(args) > 4 else None)
     assert th.equal(is_terminal, data.is_terminal), "the world model must be trained on is_terminal, not is_last"
@@ -205,6 +210,11 @@ def test_reinforce_loss_against_hand_computed_values():
     """REINFORCE: ``-cumprod(cont) * (logpi * (R - v) / max(1, P95 - P5) + eta * H)``, averaged; the
     advantage is returns minus values (not the reverse) and is divided by the EMA return scale."""
     policy = patched_policy()
+    # The heads' outputs as leaves: REINFORCE's returns, advantage and weight are constants, so none gets a gradient.
+    heads = {name: t.clone().requires_grad_() for name, t in (("reward", REWARD), ("cont", CONT), ("value", VALUE))}
+    policy.world_model.reward = lambda feat: heads["reward"] * 1.0
+    policy.world_model.cont = lambda feat: heads["cont"] * 1.0
+    policy.critic.value = lambda logits: heads["value"] * 1.0
     feat = th.randn(2, 3, policy.world_model.rssm.feat_dim)
     log_prob = th.tensor([[-0.2, -1.5, -0.7], [-2.0, -0.1, -0.4]], requires_grad=True)
     entropy = th.tensor([[0.6, 0.3, 0.2], [0.5, 0.4, 0.1]], requires_grad=True)
@@ -225,6 +235,7 @@ def test_reinforce_loss_against_hand_computed_values():
     th.testing.assert_close(log_prob.grad, expected_grad, msg="advantage (R - v) / scale, weighted by cumprod(cont)")
     expected_grad[:, :-1] = -WEIGHT * eta / 4
     th.testing.assert_close(entropy.grad, expected_grad)
+    assert all(h.grad is None for h in heads.values()), "sg(R - v) and sg(cumprod(cont)): no gradient into the heads"
 
 
 def test_dynamics_objective_against_hand_computed_values():

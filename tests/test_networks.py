@@ -217,8 +217,12 @@ def test_world_model_loss_shapes_and_metrics():
     assert out.deter.shape == (2, 8, DETER) and out.stoch.shape == (2, 8, STOCH_DIM)
     assert {"rec_loss", "reward_loss", "cont_loss", "dyn_kl", "rep_kl"} <= out.metrics.keys()
     assert th.isfinite(out.loss).all()
-    # KL terms are clipped at free_bits: the loss is at least dyn_scale + rep_scale free bits.
-    assert (out.loss >= wm.free_bits * (wm.dyn_scale + wm.rep_scale) - 1e-5).all()
+    # Each step's KL terms are clipped below at free_bits, so beyond the heads' losses the loss holds at
+    # least (dyn_scale + rep_scale) * free_bits (here the tiny model's KLs are below free_bits).
+    m = out.metrics
+    assert m["dyn_kl"] < wm.free_bits
+    heads = m["rec_loss"] + m["reward_loss"] + m["cont_loss"]
+    assert out.loss.mean() - heads >= wm.free_bits * (wm.dyn_scale + wm.rep_scale) - 1e-5
 
 
 def test_world_model_kl_terms_are_clipped_at_free_bits():

@@ -29,9 +29,9 @@ def test_smoke_learn(env_id):
     model.learn(100)
     assert model.num_timesteps == 100
     assert model._n_updates > 0
-    # train_ratio / (batch_size * sequence_length) = 4 / 16 updates per env step after learning_starts.
-    expected = (100 - model.learning_starts) * model.updates_per_step
-    assert abs(model._n_updates - expected) <= 1
+    # train_ratio / (batch_size * sequence_length) = 4 / (2 * 8) updates per env step after learning_starts (50).
+    assert (model.train_ratio, model.batch_size, model.sequence_length, model.learning_starts) == (4, 2, 8, 50)
+    assert abs(model._n_updates - 50 * 4 / 16) <= 1
 
 
 @pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
@@ -269,11 +269,11 @@ def test_learning_rate_schedule():
 @pytest.mark.parametrize(
     "env, space_name",
     [
-        (SpaceEnv(spaces.Tuple([spaces.Discrete(2), VECTOR_OBS]), spaces.Discrete(2)), "Tuple"),  # as observations
-        (SpaceEnv(spaces.Dict({"v": VECTOR_OBS, "t": spaces.Text(5)}), spaces.Discrete(2)), "Text"),
-        (SpaceEnv(VECTOR_OBS, spaces.Tuple([spaces.Discrete(2), spaces.Discrete(3)])), "Tuple"),
+        (SpaceEnv(spaces.Tuple([spaces.Discrete(2), VECTOR_OBS]), spaces.Discrete(2)), "supports Box .* observation spaces, got Tuple"),
+        (SpaceEnv(spaces.Dict({"v": VECTOR_OBS, "t": spaces.Text(5)}), spaces.Discrete(2)), "supports Dict observation spaces whose .* got .*Text"),
+        (SpaceEnv(VECTOR_OBS, spaces.Tuple([spaces.Discrete(2), spaces.Discrete(3)])), "supports Box .* action spaces, got Tuple"),
         (SpaceEnv(VECTOR_OBS, spaces.Box(-np.inf, np.inf, shape=(2,), dtype=np.float32)), "finite bounds"),
-        (SimpleMultiObsEnv(), "Dict"),
+        (SimpleMultiObsEnv(), "use MultiInputLatentPolicy"),
         (FakeImageEnv(screen_height=40, screen_width=40, n_channels=2), "CnnLatentPolicy"),
         (SpaceEnv(spaces.MultiDiscrete([[2, 3], [2, 2]]), spaces.Discrete(2)), "one-dimensional MultiDiscrete.*flatten"),
         (SpaceEnv(spaces.Dict({"v": VECTOR_OBS, "m": spaces.MultiDiscrete([[2], [3]])}), spaces.Discrete(2)), "for key 'm'"),
