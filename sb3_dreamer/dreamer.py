@@ -108,19 +108,19 @@ def check_finite_step(new_obs: np.ndarray | dict[str, np.ndarray], rewards: np.n
     """Raise ValueError where an env step gave a NaN or infinite reward or observation (also a final
     observation): stored in replay, it would turn every later loss, parameter and action into NaN."""
 
-    def bad_envs(obs: np.ndarray | dict[str, np.ndarray]) -> np.ndarray:  # [N] bool
-        arrays = obs.values() if isinstance(obs, dict) else [obs]
-        bad = np.zeros(len(rewards), dtype=bool)
+    def bad_envs(obs: np.ndarray | dict[str, np.ndarray]) -> np.ndarray:  # obs [n, *shape] (or a dict of them) -> [n] bool
+        arrays = list(obs.values()) if isinstance(obs, dict) else [obs]
+        bad = np.zeros(len(arrays[0]), dtype=bool)
         for array in arrays:
             if array.dtype.kind == "f":  # integer observations (images) are finite
-                bad |= ~np.isfinite(array.reshape(len(rewards), -1)).all(1)
+                bad |= ~np.isfinite(array.reshape(len(array), -1)).all(1)
         return bad
 
     problems = [f"reward {rewards[i]} in env {i}" for i in np.flatnonzero(~np.isfinite(rewards))]
     problems += [f"an observation with NaN or inf in env {i}" for i in np.flatnonzero(bad_envs(new_obs))]
     for i in np.flatnonzero(dones):
         final = infos[i].get("terminal_observation")
-        if final is not None and bad_envs({k: v[None] for k, v in final.items()} if isinstance(final, dict) else final[None])[0]:
+        if final is not None and bad_envs({k: np.asarray(v)[None] for k, v in final.items()} if isinstance(final, dict) else np.asarray(final)[None])[0]:
             problems.append(f"a final observation with NaN or inf in env {i}")
     if problems:
         raise ValueError(

@@ -359,6 +359,16 @@ def test_non_finite_env_data_raises_before_it_is_stored(what):
     assert all(th.isfinite(p).all() for p in model.policy.parameters())
 
 
+@pytest.mark.parametrize("what", ["observation", "final observation"])
+def test_non_finite_env_data_names_the_env_of_several(what):
+    """Two envs, the second one bad at its 4th step: that env is named, at the env step counted over both."""
+    env = make_vec_env(lambda: NonFiniteEnv("none"), n_envs=2)
+    env.envs[1].unwrapped.what, env.envs[1].unwrapped.bad_step = what, 4
+    model = make_model(env, learning_starts=3)
+    with pytest.raises(ValueError, match=rf"an? {what} with NaN or inf in env 1 at env step 8"):
+        model.learn(30)
+
+
 def test_unknown_size_preset_raises():
     with pytest.raises(ValueError, match="size1m"):
         make_model("CartPole-v1", policy_kwargs=dict(size="huge"))
