@@ -1,7 +1,7 @@
 """The optimised paths against the eager ones: same losses for the same batch and seed.
 
 Tolerances: CUDA graph (or compiled steps on CPU) vs eager at the same precision, 2% on the losses
-and a cosine similarity above 0.95 between the parameter updates, of the whole policy and of its
+(on CPU 0.5% on the actor's terms, which are tiny this early) and a cosine similarity above 0.95 between the parameter updates, of the whole policy and of its
 world model, actor and critic each (float rounding differs between
 the paths, and where two perturbed logits nearly tie a categorical sample flips); bfloat16 autocast
 vs float32 on CPU, 5% on the world-model losses and 10% on the KL (what bfloat16's 8-bit mantissa
@@ -49,7 +49,9 @@ def _flat_params(model: Dreamer, part: str | None = None) -> th.Tensor:
     return th.cat([p.detach().flatten() for p in module.parameters()])
 
 
-def _assert_same_updates(optimised: Dreamer, eager: Dreamer, batches: list, start: th.Tensor) -> None:
+def _assert_same_updates(
+    optimised: Dreamer, eager: Dreamer, batches: list, start: th.Tensor, actor_tolerance: tuple[float, float] = (2e-2, 1e-5)
+) -> None:
     """Train both on the same batches and seeds: the same losses (within 2%) and parameter moves
     in the same direction (cosine > 0.95 for its world model, actor and critic each after the first
     update, and for the world model and critic after the last)."""
@@ -72,9 +74,11 @@ def _assert_same_updates(optimised: Dreamer, eager: Dreamer, batches: list, star
         want = {k: v.item() for k, v in eager.train_step(batch).items()}
         for key in ("model_loss", "rec_loss", "reward_loss", "cont_loss", "dyn_kl", "critic_loss", "replay_value_loss"):
             assert got[key] == pytest.approx(want[key], rel=2e-2, abs=1e-3), (i, key)
-        # The actor's terms are ~1e-5 to 1e-3 this early (a CPU run: equal to 1e-6 relative).
+        # The actor's terms are ~1e-5 to 1e-3 this early: actor_tolerance (rel, abs) is 2%, or 1e-5 absolute,
+        # for the CUDA graph; on a CPU the compiled terms measured within 1e-4 relative of eager's.
+        rel, abs_ = actor_tolerance
         for key in ("actor_loss", "imagined_return", "actor_entropy", "return_scale"):
-            assert got[key] == pytest.approx(want[key], rel=2e-2, abs=1e-5), (i, key)
+            assert got[key] == pytest.approx(want[key], rel=rel, abs=abs_), (i, key)
         if i == 0:  # from the same parameters: every part (on a CPU the actor's cosine is 1.0 there)
             assert_moved_alike(parts)
     # Over all the updates, the world model and critic. Not the actor: this early its update is chaotic (its
@@ -178,7 +182,10 @@ def test_compiled_steps_and_losses_match_eager_on_cpu(env_id):
     eager = _model("cpu", compile_steps=False, parallel_backward=False, **kwargs)
     start = _flat_params(eager)
     th.testing.assert_close(_flat_params(compiled), start)
-    _assert_same_updates(compiled, eager, _batches(eager, 3), start)
+    # The actor's terms within 0.5%, not 1e-5 absolute (which they are, this early): measured within 1e-4
+    # relative on this project's CPU (2026-11-25: Pendulum-v1's actor loss after two updates, 2.49010e-4 against
+    # 2.48984e-4; CartPole-v1's within 1e-6).
+    _assert_same_updates(compiled, eager, _batches(eager, 3), start, actor_tolerance=(5e-3, 1e-9))
     assert compiled._backward_pool is not None
     # posterior steps (a chunk of the sequence), actor, imagination step; world-model heads, actor
     # loss, critic losses
