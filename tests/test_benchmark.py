@@ -175,6 +175,28 @@ def test_speed_compare_times_every_path_against_the_first():
         assert r["ms_per_update_median"] > 0 and r["warmup_s"] > 0 and 0.1 < r["ratio_to_reference"] < 10
 
 
+def test_speed_compare_reports_per_path_medians_and_per_round_ratios(monkeypatch):
+    """With updates of known durations (a fake clock): 2 ms and 6 ms per update, ratio 3 to the first path."""
+    import sb3_dreamer.speed as speed
+    from sb3_dreamer import Dreamer
+
+    clock = [0.0]
+    monkeypatch.setattr(speed.time, "perf_counter", lambda: clock[0])
+
+    def train(self, gradient_steps, batch_size=None):
+        clock[0] += gradient_steps * (0.006 if self.parallel_backward else 0.002)
+
+    monkeypatch.setattr(Dreamer, "train", train)
+    results = speed.compare(
+        updates=3, warmup=1, paths={"one thread": dict(parallel_backward=False), "slower": dict(parallel_backward=True)},
+        policy_kwargs=TINY_POLICY_KWARGS, batch_size=2, sequence_length=8, imagination_starts=None,
+    )  # fmt: skip
+    assert results["one thread"]["ms_per_update_median"] == pytest.approx(2.0)
+    assert results["slower"]["ms_per_update_median"] == pytest.approx(6.0)
+    assert results["one thread"]["ratio_to_reference"] == 1.0
+    assert results["slower"]["ratio_to_reference"] == pytest.approx(3.0)
+
+
 def test_speed_compare_parallel_backward(capsys):
     """``python -m sb3_dreamer.speed --compare parallel``: one backward thread against ``parallel_backward``."""
     from sb3_dreamer.speed import main as speed_main
