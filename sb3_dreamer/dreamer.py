@@ -663,8 +663,7 @@ class Dreamer(BaseAlgorithm):
         new_obs, rewards, dones, infos = env.step(actions)
         self.num_timesteps += n
         check_final_observations(dones, infos)
-        check_finite_step(new_obs, rewards, dones, infos, self.num_timesteps)
-        stored_obs, stored_rewards, stored_infos = obs, rewards, infos
+        stored_obs, stored_rewards, stored_infos, next_stored_obs = obs, rewards, infos, new_obs
         normalizer = self._replay_normalizer
         if normalizer is not None:  # store what the env gave before normalisation, as SB3's off-policy algorithms do
             assert self._last_original_obs is not None
@@ -673,7 +672,11 @@ class Dreamer(BaseAlgorithm):
                 dict(info, terminal_observation=normalizer.unnormalize_obs(info["terminal_observation"])) if done else info
                 for info, done in zip(infos, dones)
             ]
-            self._last_original_obs = normalizer.get_original_obs()
+            next_stored_obs = normalizer.get_original_obs()
+        # What replay will hold (before VecNormalize, which clips an infinite observation to a finite one).
+        check_finite_step(next_stored_obs, stored_rewards, dones, stored_infos, self.num_timesteps)
+        if normalizer is not None:
+            self._last_original_obs = next_stored_obs
         self._store_transition(stored_obs, action, starts, stored_rewards, dones, stored_infos, latent)
         callback.update_locals(locals())
         # Called once this step's rows are stored (SB3's off-policy loop calls it before storing, so a checkpoint

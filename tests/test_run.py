@@ -14,7 +14,7 @@ from stable_baselines3.common.envs import (
     FakeImageEnv,
     SimpleMultiObsEnv,
 )
-from stable_baselines3.common.vec_env import SubprocVecEnv
+from stable_baselines3.common.vec_env import SubprocVecEnv, VecNormalize
 
 from sb3_dreamer import Dreamer
 
@@ -357,6 +357,17 @@ def test_non_finite_env_data_raises_before_it_is_stored(what):
         model.learn(30)
     assert model.replay_buffer.size() == 6  # the rows before it; nothing non-finite reached the model
     assert all(th.isfinite(p).all() for p in model.policy.parameters())
+
+
+@pytest.mark.parametrize("what", ["reward", "observation"])
+def test_non_finite_env_data_is_found_behind_vec_normalize(what):
+    """VecNormalize with frozen statistics clips an infinite observation to a finite one, but replay stores
+    the original: checked there. (While its statistics train, they turn into NaN, which the check sees too.)"""
+    env = VecNormalize(make_vec_env(lambda: NonFiniteEnv(what)), training=False)
+    model = make_model(env, learning_starts=3)
+    with pytest.raises(ValueError, match=rf"The env gave (reward nan|an? {what} with NaN or inf) in env 0 at env step 7"):
+        model.learn(30)
+    assert model.replay_buffer.size() == 6
 
 
 @pytest.mark.parametrize("what", ["observation", "final observation"])
