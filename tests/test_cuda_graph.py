@@ -1,9 +1,10 @@
 """The optimised paths against the eager ones: same losses for the same batch and seed.
 
 Tolerances: CUDA graph (or compiled steps on CPU) vs eager at the same precision, 2% on the losses
-(on CPU 0.5% on the actor's terms, which are tiny this early) and a cosine similarity above 0.95 between the parameter updates, of the whole policy and of its
-world model, actor and critic each (float rounding differs between
-the paths, and where two perturbed logits nearly tie a categorical sample flips); bfloat16 autocast
+(on CPU 0.5% on the actor's terms, which are tiny this early) and a cosine similarity above 0.95
+between the parameter updates, of the whole policy and of its world model, actor and critic each
+(float rounding differs between the paths, and where two perturbed logits nearly tie a categorical
+sample flips); bfloat16 autocast
 vs float32 on CPU, 5% on the world-model losses and 10% on the KL (what bfloat16's 8-bit mantissa
 costs).
 """
