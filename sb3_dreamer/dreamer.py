@@ -275,17 +275,13 @@ class Dreamer(BaseAlgorithm):
             # (load() rebuilds without policy_kwargs: there SB3 checks the env against the saved spaces.)
             normalize_images = (policy_kwargs or {}).get("normalize_images", True)
             check_spaces(env.observation_space, env.action_space, policy_class, normalize_images)
-        given = dict(
-            buffer_size=buffer_size, learning_starts=learning_starts, batch_size=batch_size, sequence_length=sequence_length,
-            train_ratio=train_ratio, imagination_horizon=imagination_horizon, imagination_starts=imagination_starts,
-            gamma=gamma, return_lambda=return_lambda, actor_gradient=actor_gradient, entropy_coef=entropy_coef,
-            critic_ema_rate=critic_ema_rate, replay_value_scale=replay_value_scale,
-        )  # fmt: skip
-        problems = arguments.problems(given, ARGUMENT_RULES)
+        # Every ruled argument, by name (a rule for an argument the constructor lacks fails here, loudly).
+        given = locals()
+        problems = arguments.problems({name: given[name] for name in ARGUMENT_RULES}, ARGUMENT_RULES)
         if problems:
             raise ValueError("Dreamer: " + "; ".join(problems))
         super().__init__(
-            policy,
+            policy_class,  # resolved above
             env,
             learning_rate,
             policy_kwargs=policy_kwargs,
